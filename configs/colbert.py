@@ -1,0 +1,44 @@
+"""PairDistill ColBERT on MS MARCO (the paper's recipe, DESIGN §2.5).
+
+  python -m pairdistill_jax.main --config=configs/colbert.py --workdir=gs://bucket/run \
+      --config.init.pretrained=/models/colbertv2.0 --config.data.train=pairs.train.jsonl \
+      --config.data.collection=collection.tsv --config.data.queries=queries.train.tsv
+  python -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=/tmp/demo   # minutes on a CPU
+
+Variants and overrides go after the colon: `configs/colbert.py:demo,batch_size=16`. The demo trains a tiny
+random BERT on a synthetic task written into WORKDIR/demo_data; its loss falls and its pair agreement rises.
+"""
+
+import ml_collections
+
+from pairdistill_jax import config_lib
+
+
+def get_config(arg=None):
+  demo = config_lib.has_variant(arg, "demo")
+  arg = config_lib.parse_arg(arg, demo=False, batch_size=8 if demo else 32, steps=150 if demo else 30_000,
+                             nway=8 if demo else 64, grad_accum=1)
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      kind="colbert", dim=128, query_maxlen=32, doc_maxlen=180, mask_punctuation=True,
+      attend_to_mask_tokens=False, dtype="bfloat16", remat="none",
+      bert=config_lib.bert_base())  # the shape of a random init; unused when init.pretrained is set
+  # pretrained: a local stanford ColBERT or HF BERT directory (download colbert-ir/colbertv2.0 beforehand);
+  # tokenizer: a local tokenizer directory, by default the pretrained one.
+  c.init = dict(pretrained="colbert-ir/colbertv2.0", tokenizer="")
+  c.data = dict(train="", collection="", queries="", nway=arg.nway, max_pairs=16, demo=False,
+                skip_bad_lines=False)
+  c.loss = dict(temperature=1.0, pair_alpha=3.0, in_batch=True, in_batch_group=4)  # group -1: micro-batch
+  c.optim = dict(lr=1e-5, warmup_steps=3_000, clip_norm=2.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
+  c.train = dict(batch_size=arg.batch_size, grad_accum=arg.grad_accum, steps=arg.steps, seed=0,
+                 log_every=50)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.sharding_rules = config_lib.SHARDING_RULES
+
+  if demo:
+    c.model.update(dim=32, query_maxlen=16, doc_maxlen=48, dtype="float32", bert=config_lib.bert_demo())
+    c.init.pretrained = ""
+    c.data.update(demo=True, max_pairs=4)
+    c.optim.update(lr=5e-4, warmup_steps=20)
+    c.train.log_every = 10
+  return c

@@ -1,0 +1,137 @@
+"""Config helpers: the `name:variant,key=value` argument of config files, and validation.
+
+`get_config(arg)` in `configs/*.py` calls `parse_arg` to read its argument; `main` calls `validate` on the
+final config (after `--config.a.b=v` overrides) before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full")
+# Logical parameter/activation axis -> mesh axes (DESIGN §4); configs copy this and may change it.
+SHARDING_RULES = [("batch", ["data", "fsdp"]), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+                  ("vocab", "tensor")]
+
+
+def bert_base() -> dict:
+  """The bert-base-uncased shape (used for a random init when no pretrained directory is given)."""
+  return dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+              intermediate_size=3072, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def bert_demo() -> dict:
+  """A tiny BERT for the CPU demo; vocab_size is replaced by the demo vocabulary's size."""
+  return dict(vocab_size=0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message says which field and what to change."""
+
+
+def has_variant(arg: str | None, name: str) -> bool:
+  """Whether the bare word `name` appears in a config argument such as `demo,batch_size=8`."""
+  return name in (item.strip() for item in (arg or "").split(","))
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `variant,key=value,...` against typed defaults.
+
+  A bare word `w` sets boolean default `w` to True (`demo`); `key=value` converts `value` to the type of
+  the default. Unknown keys raise an error listing the known ones.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ConfigError(f"config argument {key!r} needs a value: {key}=...")
+      result[key] = True
+      continue
+    result[key] = _convert(key, raw.strip(), default)
+  return result
+
+
+def _convert(key: str, raw: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if raw.lower() not in ("true", "false", "1", "0"):
+      raise ConfigError(f"config argument {key}={raw!r}: expected true or false")
+    return raw.lower() in ("true", "1")
+  try:
+    return type(default)(raw)
+  except ValueError:
+    raise ConfigError(
+        f"config argument {key}={raw!r}: expected a {type(default).__name__}") from None
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Resolves the one `-1` axis of `config.mesh` so that the axes multiply to `num_devices`."""
+  axes = {name: int(config.mesh[name]) for name in ("data", "fsdp", "tensor")}
+  free = [name for name, size in axes.items() if size == -1]
+  _require(len(free) <= 1, f"mesh: at most one axis may be -1, got {axes}")
+  _require(all(size == -1 or size >= 1 for size in axes.values()),
+           f"mesh: axis sizes must be positive or -1, got {axes}")
+  fixed = 1
+  for size in axes.values():
+    fixed *= size if size != -1 else 1
+  if free:
+    _require(num_devices % fixed == 0,
+             f"mesh {axes}: {num_devices} devices are not divisible by the fixed axes' product {fixed}")
+    axes[free[0]] = num_devices // fixed
+  total = axes["data"] * axes["fsdp"] * axes["tensor"]
+  _require(total == num_devices,
+           f"mesh {axes} needs {total} devices but {num_devices} are available; set "
+           f"--config.mesh.data=-1 to use them all")
+  return axes
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks that a config can run on `num_devices` devices; raises ConfigError saying what to change."""
+  m, t, d, loss, o = config.model, config.train, config.data, config.loss, config.optim
+  _require(m.kind in ("colbert", "dpr"), f"model.kind must be 'colbert' or 'dpr', got {m.kind!r}")
+  _require(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+  _require(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {m.remat!r}")
+  _require(m.query_maxlen >= 3, f"model.query_maxlen={m.query_maxlen} leaves no room for query tokens")
+  _require(m.doc_maxlen >= 4, f"model.doc_maxlen={m.doc_maxlen} leaves no room for document tokens")
+  if m.kind == "dpr":
+    _require(m.pooling in ("cls", "mean"), f"model.pooling must be 'cls' or 'mean', got {m.pooling!r}")
+  _require(d.nway >= 2, f"data.nway must be at least 2, got {d.nway}")
+  _require(d.max_pairs >= 0, f"data.max_pairs must be >= 0, got {d.max_pairs}")
+  if not d.demo:
+    for field in ("train", "collection", "queries"):
+      path = d[field]
+      _require(bool(path), f"data.{field} is empty: set --config.data.{field}=PATH (or use the :demo variant)")
+      _require("://" in path or os.path.exists(path), f"data.{field}: {path} does not exist")
+  _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+  _require(t.batch_size % t.grad_accum == 0,
+           f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  micro = t.batch_size // t.grad_accum
+  axes = mesh_shape(config, num_devices)
+  batch_shards = axes["data"] * axes["fsdp"]
+  _require(micro % batch_shards == 0,
+           f"micro-batch {micro} (train.batch_size / train.grad_accum) is not divisible by the "
+           f"{batch_shards} batch shards of mesh {axes}: change train.batch_size or mesh.data/mesh.fsdp")
+  if m.kind == "colbert" and loss.in_batch:
+    group = micro if loss.in_batch_group == -1 else loss.in_batch_group
+    _require(group >= 1 and micro % group == 0,
+             f"loss.in_batch_group={loss.in_batch_group} must divide the micro-batch {micro} "
+             f"(or be -1 for the whole micro-batch)")
+  _require(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
+  _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+  _require(0 <= o.warmup_steps <= t.steps,
+           f"optim.warmup_steps={o.warmup_steps} must lie in [0, train.steps={t.steps}]")
+  _require(o.clip_norm > 0, f"optim.clip_norm must be > 0, got {o.clip_norm}")

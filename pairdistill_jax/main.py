@@ -1,0 +1,75 @@
+"""Entry point: `python -m pairdistill_jax.main --config=configs/colbert.py[:variant] --workdir=DIR`.
+
+  --mode=train        train the student of the config (default)
+  --mode=evaluate|export|mine|score|benchmark   not built yet: they exit with a message saying so
+
+Any config field can be overridden: `--config.optim.lr=2e-5 --config.train.batch_size=64`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from pairdistill_jax import config_lib
+
+MODES = ("train", "evaluate", "export", "mine", "score", "benchmark")
+NOT_BUILT = {
+    "evaluate": "FAISS indexing and evaluation",
+    "export": "export to PyTorch / stanford ColBERT / sentence-transformers",
+    "mine": "mining with a student retriever",
+    "score": "teacher scoring and pair selection",
+    "benchmark": "the train-step benchmark",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/colbert.py:demo.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and outputs.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/colbert.py:demo")
+  mode = _MODE.value
+  if mode in NOT_BUILT:
+    raise app.UsageError(f"--mode={mode} ({NOT_BUILT[mode]}) is not built yet; available: --mode=train")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  try:
+    config_lib.validate(config, jax.device_count())
+  except config_lib.ConfigError as e:
+    raise app.UsageError(f"invalid config: {e}") from None
+
+  from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
+  summary = loop.train(config, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(format_summary(summary))
+    print("SUMMARY " + json.dumps(summary))
+  return 0
+
+
+def format_summary(summary: dict) -> str:
+  """'loss 3.2100 -> 1.0500' lines for each tracked metric."""
+  lines = [f"trained {summary.get('steps', 0)} steps"]
+  for key in ("loss", "loss_kd", "loss_pair", "loss_ib", "pair_agreement", "top1_agreement"):
+    if f"first_{key}" in summary:
+      lines.append(f"  {key:15s} {summary[f'first_{key}']:.4f} -> {summary[f'last_{key}']:.4f}")
+  return "\n".join(lines)
+
+
+def run() -> None:
+  logging.getLogger("absl").setLevel(logging.INFO)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())

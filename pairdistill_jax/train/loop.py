@@ -1,0 +1,185 @@
+"""The training loop: data, model, sharded state, the jitted step, logging and the run summary.
+
+Per `train.log_every` steps it writes the mean of each metric over the window (every loss term, pair and
+top-1 agreement, lr, grad norm) plus queries/s, tokens/s and step time to `WORKDIR/metrics.jsonl` and to
+TensorBoard (`WORKDIR/tensorboard`), and shows a progress bar with the ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorboardX
+import tqdm
+
+from pairdistill_jax import sharding
+from pairdistill_jax.convert.students import import_student
+from pairdistill_jax.data import batching, demo, formats
+from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
+from pairdistill_jax.models.students import make_student
+from pairdistill_jax.train import state as state_lib
+from pairdistill_jax.train.step import make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a non-finite loss or gradient; the state of that step was not applied."""
+
+
+@dataclasses.dataclass
+class DataPaths:
+  train: str
+  collection: str
+  queries: str
+  tokenizer: str
+
+
+def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> DataPaths:
+  """Where the training files and tokenizer are; the demo's are generated into WORKDIR/demo_data."""
+  if config.data.demo:
+    root = demo.ensure(workdir / "demo_data", nway=config.data.nway, n_pairs=config.data.max_pairs)
+    return DataPaths(str(root / "train.jsonl"), str(root / "collection.tsv"), str(root / "queries.train.tsv"),
+                     config.init.tokenizer or str(root / "tokenizer"))
+  return DataPaths(config.data.train, config.data.collection, config.data.queries,
+                   config.init.tokenizer or config.init.pretrained)
+
+
+def make_tokenizer(config: ml_collections.ConfigDict, directory: str):
+  """The student's tokenizer (ColBERT markers and [MASK] augmentation, or plain DPR)."""
+  m = config.model
+  tokenizer = load_tokenizer(directory)
+  if m.kind == "colbert":
+    return ColBERTTokenizer(tokenizer, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen,
+                            mask_punctuation=m.mask_punctuation, attend_to_mask_tokens=m.attend_to_mask_tokens)
+  return DPRTokenizer(tokenizer, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
+
+
+def host_batches(config: ml_collections.ConfigDict, paths: DataPaths, tokenizer,
+                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """This process's share of each global batch, as numpy arrays (see data.batching.make_batch)."""
+  d = config.data
+  collection = formats.read_collection(paths.collection)
+  queries = formats.read_queries(paths.queries)
+  examples = list(formats.read_training_lines(paths.train, collection_ids=collection,
+                                              skip_bad_lines=d.skip_bad_lines))
+  processes, index = jax.process_count(), jax.process_index()
+  logging.info("Training data: %d lines from %s (%d passages, %d queries)", len(examples), paths.train,
+               len(collection), len(queries))
+  for chunk in batching.iterate_batches(examples[index::processes], config.train.batch_size // processes,
+                                        seed=config.train.seed, start_step=start_step):
+    yield batching.make_batch(chunk, collection, queries, tokenizer, nway=d.nway, max_pairs=d.max_pairs)
+
+
+class MetricsWriter:
+  """Window means of the step metrics to metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool):
+    self.enabled = enabled
+    self.history: list[dict] = []
+    if enabled:
+      self._jsonl = open(workdir / "metrics.jsonl", "a")
+      self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, record: dict) -> None:
+    self.history.append(dict(record, step=step))
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(dict(record, step=step)) + "\n")
+    self._jsonl.flush()
+    for name, value in record.items():
+      self._tb.add_scalar(f"train/{name}", value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          on_log: Callable[[int, dict], None] | None = None) -> dict:
+  """Trains the student of `config`; returns the run summary (first and last logged windows)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config)
+  logging.info("Mesh: %s", dict(mesh.shape))
+  paths = data_paths(config, workdir)
+  tokenizer = make_tokenizer(config, paths.tokenizer)
+  bert_config, pretrained = import_student(config, vocab_size=len(tokenizer.tokenizer))
+  if bert_config.max_position_embeddings < max(config.model.query_maxlen, config.model.doc_maxlen):
+    raise ValueError(f"model.doc_maxlen/query_maxlen exceed the model's {bert_config.max_position_embeddings} "
+                     f"positions")
+  model = make_student(config.model, bert_config)
+  tx = state_lib.optimizer(config)
+  rng = jax.random.PRNGKey(config.train.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  with jax.set_mesh(mesh):
+    state, shardings = state_lib.create(model, tx, config, mesh, init_rng)
+    state = state_lib.with_pretrained(state, shardings, pretrained)
+    step_fn = make_train_step(model, tx, config, mesh, shardings)
+    batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
+    return _run(config, workdir, state, step_fn, host_batches(config, paths, tokenizer), batch_sh, step_rng,
+                on_log)
+
+
+def _run(config, workdir, state, step_fn, batches, batch_sh, rng, on_log) -> dict:
+  """Steps until train.steps. Each step's metrics are read after the next step is dispatched, so the host
+  prepares batch t+1 while the device computes step t."""
+  t = config.train
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  bar = tqdm.tqdm(total=t.steps, initial=int(state.step), desc="train", unit="step", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  window: list[dict] = []
+  window_start = time.perf_counter()
+
+  def consume(step: int, metrics, tokens: int) -> None:
+    nonlocal window, window_start
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not metrics.pop("finite"):
+      raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
+                               f"grad_norm={metrics['grad_norm']}); that update was not applied")
+    window.append(dict(metrics, tokens=tokens))
+    bar.update(1)
+    if (step + 1) % t.log_every and step + 1 != t.steps:
+      return
+    elapsed = time.perf_counter() - window_start
+    record = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "tokens"}
+    record.update(step_time=elapsed / len(window), queries_per_s=len(window) * t.batch_size / elapsed,
+                  tokens_per_s=sum(w["tokens"] for w in window) / elapsed)
+    writer.write(step + 1, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", pairs=f"{record['pair_agreement']:.3f}")
+    if on_log:
+      on_log(step + 1, record)
+    window, window_start = [], time.perf_counter()
+
+  pending = None
+  try:
+    for step in range(int(state.step), t.steps):
+      host = next(batches)
+      tokens = int(host["q_mask"].sum() + host["d_mask"].sum()) * jax.process_count()
+      state, metrics = step_fn(state, sharding.shard_batch(host, batch_sh), rng)
+      if pending:
+        consume(*pending)
+      pending = (step, metrics, tokens)
+    if pending:
+      consume(*pending)
+  finally:
+    bar.close()
+    writer.close()
+  return summarize(writer.history)
+
+
+def summarize(history: list[dict]) -> dict:
+  """First and last logged windows of the run (what `make demo` prints)."""
+  if not history:
+    return {}
+  first, last = history[0], history[-1]
+  keys = ("loss", "loss_kd", "loss_pair", "loss_ib", "pair_agreement", "top1_agreement")
+  return {"steps": last["step"], **{f"first_{k}": first[k] for k in keys if k in first},
+          **{f"last_{k}": last[k] for k in keys if k in last}}

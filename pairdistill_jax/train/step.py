@@ -1,0 +1,114 @@
+"""The PairDistill train step: student scores -> losses -> gradients (accumulated) -> AdamW update.
+
+`make_train_step` returns `step(state, batch, rng) -> (state, metrics)` compiled with `jax.jit`, its
+shardings stated (state as the logical rules say, batch split along 'batch') and the state donated.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from pairdistill_jax import losses, sharding
+from pairdistill_jax.models import scoring
+from pairdistill_jax.train.state import TrainState, learning_rate
+
+Batch = Mapping[str, jax.Array]
+
+
+def in_batch_group(config: ml_collections.ConfigDict, micro_batch: int) -> int:
+  """Queries that share in-batch negatives: loss.in_batch_group, or the whole micro-batch for -1."""
+  group = config.loss.in_batch_group
+  return micro_batch if group == -1 else group
+
+
+def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params, batch: Batch,
+                 rng: jax.Array) -> tuple[jax.Array, dict]:
+  """The student's total PairDistill loss on one (micro-)batch, and its metrics."""
+  m, loss_cfg = config.model, config.loss
+  deterministic = rng is None
+  rngs = {} if deterministic else {"dropout": rng}
+  apply = functools.partial(model.apply, {"params": params}, deterministic=deterministic, rngs=rngs)
+  batch_size, nway, doc_len = batch["d_ids"].shape
+  q = apply(batch["q_ids"], batch["q_mask"], method="encode_query")
+  d = apply(batch["d_ids"].reshape(batch_size * nway, doc_len),
+            batch["d_mask"].reshape(batch_size * nway, doc_len), method="encode_doc")
+  if m.kind == "colbert":
+    d_BxNxLdxD = d.reshape(batch_size, nway, doc_len, -1)
+    group = in_batch_group(config, batch_size) if loss_cfg.in_batch else 1
+    scores_BxGN = scoring.grouped_scores(scoring.maxsim, q, d_BxNxLdxD, batch["d_score_mask"],
+                                         group_size=group)
+    scores_BxN = scoring.own_block(scores_BxGN, nway, group)
+    return losses.colbert_loss(scores_BxN, scores_BxGN if loss_cfg.in_batch else None, batch,
+                               temperature=loss_cfg.temperature, pair_alpha=loss_cfg.pair_alpha,
+                               in_batch_group=group)
+  d_BxNxD = d.reshape(batch_size, nway, -1)
+  scores_BxBN = scoring.grouped_scores(scoring.dot, q, d_BxNxD, group_size=batch_size)
+  return losses.dpr_loss(scores_BxBN, batch, temperature=loss_cfg.temperature,
+                         pair_alpha=loss_cfg.pair_alpha)
+
+
+def split_micro_batches(batch: Batch, k: int) -> Batch:
+  """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ...
+
+  Strided rather than contiguous, so that every device's rows are spread over all micro-batches and each
+  micro-batch stays split over all devices.
+  """
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               param_shardings) -> tuple[TrainState, dict]:
+  """One optimizer step over the global batch, accumulating over config.train.grad_accum micro-batches.
+
+  As the original, the accumulated gradient is the mean of the micro-batch gradients (each micro-batch
+  loss divided by the number of micro-batches). A non-finite loss or gradient leaves the state unchanged
+  and reports `finite = 0`.
+  """
+  k = config.train.grad_accum
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(functools.partial(compute_loss, model, config), has_aux=True)
+
+  if k == 1:
+    (_, metrics), grads = grad_fn(state.params, batch, rng)
+  else:
+    def accumulate(carry, xs):
+      micro, index = xs
+      (_, micro_metrics), micro_grads = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (micro_grads, micro_metrics)), None
+
+    micro_batches = split_micro_batches(batch, k)
+    (_, metrics_shape), grads_shape = jax.eval_shape(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, metrics_shape))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(k)))
+    grads, metrics = jax.tree.map(lambda x: x / k, (grads, metrics))
+  grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                           state.replace(step=state.step + 1))
+  metrics = dict(metrics, grad_norm=grad_norm, lr=learning_rate(config)(state.step),
+                 finite=finite.astype(jnp.float32))
+  return new_state, metrics
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh, state_shardings: TrainState):
+  """`train_step` compiled for `mesh`: donated, sharded state in and out; batch split along 'batch'."""
+  batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
+  step = functools.partial(train_step, model=model, tx=tx, config=config,
+                           param_shardings=state_shardings.params)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sh, sharding.replicated(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))

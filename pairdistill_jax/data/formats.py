@@ -1,0 +1,544 @@
+"""Readers and writers for the data files: training lines, collections, queries, BEIR, qrels, runs.
+
+Every reader streams its file line by line (plain, or gzip when the name ends in `.gz`) and raises a
+`FormatError` naming file, line (1-based) and reason. Readers that take `skip_bad_lines` instead skip bad
+lines, log a warning for the first few, and report each one to `on_skip` (pass `list.append` to collect
+them, or a counter). Blank lines are ignored everywhere. Every writer writes atomically: a temporary file
+in the target directory, flushed and fsynced, then `os.replace`d over the target; on failure nothing is
+left behind and an existing file is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import tempfile
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from typing import IO, Any
+
+PathLike = str | os.PathLike[str]
+SkipCallback = Callable[["FormatError"], None]
+
+_log = logging.getLogger(__name__)
+_MAX_WARNINGS = 5
+_CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
+_BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
+
+
+class FormatError(ValueError):
+  """A data file that does not follow its format; the message is `file:line: reason`."""
+
+  def __init__(self, path: PathLike, line: int, reason: str):
+    super().__init__(f"{os.fspath(path)}:{line}: {reason}")
+    self.path = os.fspath(path)
+    self.line = line
+    self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------- file access
+
+
+def _open_binary(path: PathLike) -> IO[bytes]:
+  return gzip.open(path, "rb") if os.fspath(path).endswith(".gz") else open(path, "rb")
+
+
+def _iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+  """Yields (line number, text without its line ending) for the non-blank lines of `path`.
+
+  Lines end only at '\\n' (a '\\r' inside a passage stays part of it). Raises a FormatError for an
+  empty file and for bytes that are not UTF-8.
+  """
+  number, n_yielded = 0, 0
+  with _open_binary(path) as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        raise FormatError(path, number, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+      if line.strip():
+        n_yielded += 1
+        yield number, line
+  if not n_yielded:
+    raise FormatError(path, max(number, 1), "file is empty" if not number else "file holds only blank lines")
+
+
+class _BadLines:
+  """Raises a reader's errors, or (skip_bad_lines) counts, logs and reports them."""
+
+  def __init__(self, path: PathLike, skip: bool, on_skip: SkipCallback | None):
+    self.path, self.skip, self.on_skip = path, skip, on_skip
+    self.count = 0
+    self.last_line = 1
+
+  def handle(self, error: FormatError) -> None:
+    if not self.skip:
+      raise error
+    self.count += 1
+    self.last_line = error.line
+    if self.count <= _MAX_WARNINGS:
+      _log.warning("skipping bad line: %s", error)
+    if self.on_skip is not None:
+      self.on_skip(error)
+
+  def finish(self, n_good: int) -> None:
+    """Logs the total; raises when every line was bad."""
+    if not self.count:
+      return
+    _log.warning("skipped %d bad lines of %s", self.count, os.fspath(self.path))
+    if n_good == 0:
+      raise FormatError(self.path, self.last_line, f"no valid lines (all {self.count} lines were bad)")
+
+
+def _read_records(path: PathLike, parse: Callable[[str], Any], bad: _BadLines) -> Iterator[tuple[int, Any]]:
+  """Yields (line number, parse(line)); `parse` raises ValueError with the reason for a bad line."""
+  for number, line in _iter_lines(path):
+    try:
+      record = parse(line)
+    except ValueError as e:
+      bad.handle(FormatError(path, number, str(e)))
+      continue
+    yield number, record
+
+
+def _read_mapping(
+    path: PathLike,
+    parse: Callable[[str], tuple[str, str]],
+    *,
+    what: str,
+    skip_bad_lines: bool = False,
+    on_skip: SkipCallback | None = None,
+) -> dict[str, str]:
+  """Builds {id: value} from (id, value) records, rejecting duplicate ids."""
+  bad = _BadLines(path, skip_bad_lines, on_skip)
+  out: dict[str, str] = {}
+  for number, (key, value) in _read_records(path, parse, bad):
+    if key in out:
+      bad.handle(FormatError(path, number, f"duplicate {what} {key!r}"))
+      continue
+    out[key] = value
+  bad.finish(len(out))
+  return out
+
+
+def _current_umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike) -> Iterator[IO[str]]:
+  """Opens a UTF-8 text stream that replaces `path` only when the block finishes without error.
+
+  The data goes to a temporary file in the same directory (gzip-compressed when `path` ends in `.gz`,
+  with a zero timestamp so output is reproducible), which is flushed, fsynced and `os.replace`d over
+  `path`. On any error the temporary file is removed and `path` is left as it was.
+  """
+  target = pathlib.Path(path)
+  fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+  raw = os.fdopen(fd, "wb")
+  try:
+    compressed = None
+    if target.name.endswith(".gz"):
+      compressed = gzip.GzipFile(filename=target.name, mode="wb", fileobj=raw, mtime=0)
+    text = io.TextIOWrapper(raw if compressed is None else compressed, encoding="utf-8", newline="\n")
+    try:
+      yield text
+    finally:
+      text.detach()
+      if compressed is not None:
+        compressed.close()
+    raw.flush()
+    os.fsync(raw.fileno())
+    raw.close()
+    os.chmod(tmp_name, 0o666 & ~_current_umask())
+    os.replace(tmp_name, target)
+  except BaseException:
+    raw.close()
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp_name)
+    raise
+
+
+# ------------------------------------------------------------------------------------ training lines
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingExample:
+  """One training line: a query, its passages (teacher-sorted) and the teacher's pairwise preferences.
+
+  Ids are strings. `scores` are the pointwise teacher's raw logits (None for the `[qid, pid, …]`
+  format); `pairs` are (i, j, logp_ij) with i, j indices into `pids` and logp_ij = log P(i beats j).
+  Construction validates everything that does not need the collection.
+  """
+
+  qid: str
+  pids: tuple[str, ...]
+  scores: tuple[float, ...] | None
+  pairs: tuple[tuple[int, int, float], ...] = ()
+
+  def __post_init__(self) -> None:
+    if not self.pids:
+      raise ValueError("no passages")
+    seen: set[str] = set()
+    for pid in self.pids:
+      if pid in seen:
+        raise ValueError(f"duplicate pid {pid!r}")
+      seen.add(pid)
+    if self.scores is not None:
+      if len(self.scores) != len(self.pids):
+        raise ValueError(f"{len(self.scores)} scores for {len(self.pids)} passages")
+      for i, score in enumerate(self.scores):
+        if not math.isfinite(score):
+          raise ValueError(f"non-finite score {score} (passage {i})")
+    elif self.pairs:
+      raise ValueError("pairs given without pointwise scores")
+    for i, j, logp in self.pairs:
+      self._check_pair(i, j, logp)
+
+  def _check_pair(self, i: int, j: int, logp: float) -> None:
+    n = len(self.pids)
+    for index in (i, j):
+      if not 0 <= index < n:
+        raise ValueError(f"pair index {index} out of range (line has {n} passages)")
+    if i == j:
+      raise ValueError(f"pair ({i}, {j}) compares a passage with itself")
+    if not math.isfinite(logp):
+      raise ValueError(f"non-finite logp {logp} (pair {i}, {j})")
+    if logp > 0:
+      raise ValueError(f"logp {logp} > 0 (a probability above 1) (pair {i}, {j})")
+
+
+def _json_id(value: Any, what: str) -> str:
+  if isinstance(value, bool) or not isinstance(value, (str, int)):
+    raise ValueError(f"{what} must be a string or an integer, got {json.dumps(value)}")
+  return str(value)
+
+
+def _json_number(value: Any, what: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{what} must be a number, got {json.dumps(value)}")
+  return value
+
+
+def _parse_entry(i: int, entry: Any) -> tuple[str, float, list[tuple[int, int, float]]]:
+  """[pid, score] or [pid, score, [[j, logp], ...]] -> (pid, score, pairs)."""
+  if not isinstance(entry, list) or len(entry) not in (2, 3):
+    raise ValueError(f"passage entry {i} must be [pid, score] or [pid, score, [[j, logp], ...]]")
+  pid = _json_id(entry[0], f"pid of entry {i}")
+  score = _json_number(entry[1], f"score of entry {i}")
+  raw_pairs = entry[2] if len(entry) == 3 else []
+  if not isinstance(raw_pairs, list):
+    raise ValueError(f"pairs of entry {i} must be a list of [j, logp]")
+  pairs = []
+  for pair in raw_pairs:
+    if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int):
+      raise ValueError(f"pair {json.dumps(pair)} of entry {i} must be [j, logp] with an integer j")
+    pairs.append((i, pair[0], _json_number(pair[1], f"logp of pair {pair[0]} of entry {i}")))
+  return pid, score, pairs
+
+
+def _parse_training_line(line: str) -> TrainingExample:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(row, list) or len(row) < 2:
+    raise ValueError("expected a JSON list [qid, passage, ...] with at least one passage")
+  qid = _json_id(row[0], "qid")
+  entries = row[1:]
+  if all(not isinstance(e, list) for e in entries):
+    pids = tuple(_json_id(e, f"pid {i}") for i, e in enumerate(entries))
+    return TrainingExample(qid, pids, None)
+  parsed = [_parse_entry(i, e) for i, e in enumerate(entries)]
+  return TrainingExample(
+      qid=qid,
+      pids=tuple(p[0] for p in parsed),
+      scores=tuple(p[1] for p in parsed),
+      pairs=tuple(pair for p in parsed for pair in p[2]),
+  )
+
+
+def _training_line_parser(collection_ids: Container[str] | None) -> Callable[[str], TrainingExample]:
+  def parse(line: str) -> TrainingExample:
+    example = _parse_training_line(line)
+    if collection_ids is not None:
+      for pid in example.pids:
+        if pid not in collection_ids:
+          raise ValueError(f"pid {pid!r} is not in the collection")
+    return example
+
+  return parse
+
+
+def read_training_lines(
+    path: PathLike,
+    *,
+    skip_bad_lines: bool = False,
+    collection_ids: Container[str] | None = None,
+    on_skip: SkipCallback | None = None,
+) -> Iterator[TrainingExample]:
+  """Streams training lines: PairDistill, ColBERTv2 `[qid, [pid, score], …]` or `[qid, pid, …]`.
+
+  With `collection_ids`, every pid must be in it. With `skip_bad_lines`, bad lines are skipped and
+  reported to `on_skip` (e.g. `errors.append`); the count is logged when the file ends.
+  """
+  bad = _BadLines(path, skip_bad_lines, on_skip)
+  n_good = 0
+  for _, example in _read_records(path, _training_line_parser(collection_ids), bad):
+    n_good += 1
+    yield example
+  bad.finish(n_good)
+
+
+def _id_to_json(value: str) -> str | int:
+  """Ids that look like canonical integers go back to JSON as integers (as MS MARCO's files have them)."""
+  return int(value) if _CANONICAL_INT.fullmatch(value) else value
+
+
+def _number_to_json(value: float) -> int | float:
+  return value if type(value) is int else float(value)
+
+
+def _training_line(example: TrainingExample) -> str:
+  """The PairDistill JSON line (json.dumps with its default separators)."""
+  qid = _id_to_json(example.qid)
+  if example.scores is None:
+    return json.dumps([qid, *(_id_to_json(pid) for pid in example.pids)])
+  pairs_by_entry: list[list[list[int | float]]] = [[] for _ in example.pids]
+  for i, j, logp in example.pairs:
+    pairs_by_entry[i].append([int(j), _number_to_json(logp)])
+  entries = [
+      [_id_to_json(pid), _number_to_json(score), pairs]
+      for pid, score, pairs in zip(example.pids, example.scores, pairs_by_entry)
+  ]
+  return json.dumps([qid, *entries])
+
+
+def write_training_lines(path: PathLike, examples: Iterable[TrainingExample]) -> int:
+  """Writes PairDistill lines (`[qid, pid, …]` for examples without scores); returns the line count.
+
+  Pairs are written under their entry i in the order given, so an example read from a file is written
+  back byte for byte.
+  """
+  count = 0
+  with atomic_write(path) as f:
+    for example in examples:
+      f.write(_training_line(example))
+      f.write("\n")
+      count += 1
+  return count
+
+
+# ------------------------------------------------------------------------------- collection, queries
+
+
+def _parse_collection_line(line: str) -> tuple[str, str]:
+  columns = line.split("\t")
+  if len(columns) not in (2, 3):
+    raise ValueError(f"expected 2 or 3 tab-separated columns (pid, text[, title]), found {len(columns)}")
+  pid, text = columns[0], columns[1]
+  if not pid:
+    raise ValueError("empty pid")
+  title = columns[2] if len(columns) == 3 else ""
+  return pid, f"{title} | {text}" if title else text
+
+
+def _parse_query_line(line: str) -> tuple[str, str]:
+  columns = line.split("\t")
+  if len(columns) != 2:
+    raise ValueError(f"expected 2 tab-separated columns (qid, query), found {len(columns)}")
+  if not columns[0]:
+    raise ValueError("empty qid")
+  return columns[0], columns[1]
+
+
+def read_collection(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+) -> dict[str, str]:
+  """collection.tsv (`pid \\t text [\\t title]`) -> {pid: text, or 'title | text' with a title}."""
+  return _read_mapping(
+      path, _parse_collection_line, what="pid", skip_bad_lines=skip_bad_lines, on_skip=on_skip
+  )
+
+
+def read_queries(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+) -> dict[str, str]:
+  """queries.tsv (`qid \\t query`) -> {qid: query}."""
+  return _read_mapping(path, _parse_query_line, what="qid", skip_bad_lines=skip_bad_lines, on_skip=on_skip)
+
+
+def _write_tsv(path: PathLike, rows: Mapping[str, str], what: str) -> None:
+  with atomic_write(path) as f:
+    for key, value in rows.items():
+      for field in (key, value):
+        if any(c in field for c in "\t\n\r"):
+          raise ValueError(f"{what} {key!r} holds a tab or line break, which {os.fspath(path)} cannot store")
+      f.write(f"{key}\t{value}\n")
+
+
+def write_collection(path: PathLike, passages: Mapping[str, str]) -> None:
+  """Writes collection.tsv lines `pid \\t text`."""
+  _write_tsv(path, passages, "passage")
+
+
+def write_queries(path: PathLike, queries: Mapping[str, str]) -> None:
+  """Writes queries.tsv lines `qid \\t query`."""
+  _write_tsv(path, queries, "query")
+
+
+# -------------------------------------------------------------------------------------------- BEIR
+
+
+def _parse_beir_line(line: str, fields: tuple[str, ...]) -> dict[str, Any]:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(row, dict):
+    raise ValueError("expected a JSON object")
+  for name in fields:
+    if name not in row:
+      raise ValueError(f"missing field {name!r}")
+  _json_id(row["_id"], "_id")
+  for name in fields[1:]:
+    if not isinstance(row.get(name), str):
+      raise ValueError(f"field {name!r} must be a string")
+  return row
+
+
+def _parse_beir_doc(line: str) -> tuple[str, str]:
+  row = _parse_beir_line(line, ("_id", "text"))
+  title = row.get("title") or ""
+  if not isinstance(title, str):
+    raise ValueError("field 'title' must be a string")
+  return str(row["_id"]), f"{title} | {row['text']}" if title else row["text"]
+
+
+def _parse_beir_query(line: str) -> tuple[str, str]:
+  row = _parse_beir_line(line, ("_id", "text"))
+  return str(row["_id"]), row["text"]
+
+
+def read_beir_corpus(path: PathLike) -> dict[str, str]:
+  """BEIR corpus.jsonl (`_id`, `title`, `text`) -> {id: 'title | text', or text when the title is empty}."""
+  return _read_mapping(path, _parse_beir_doc, what="document id")
+
+
+def read_beir_queries(path: PathLike) -> dict[str, str]:
+  """BEIR queries.jsonl (`_id`, `text`) -> {id: text}."""
+  return _read_mapping(path, _parse_beir_query, what="query id")
+
+
+# ------------------------------------------------------------------------------------- qrels, runs
+
+
+def _parse_int(value: str, what: str) -> int:
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{what} {value!r} is not an integer") from None
+
+
+def _parse_qrel(line: str, beir: bool) -> tuple[str, str, int]:
+  if beir:
+    columns = line.split("\t")
+    if len(columns) != 3:
+      raise ValueError(f"expected 3 tab-separated columns (query-id, corpus-id, score), found {len(columns)}")
+    qid, docid, rel = columns
+  else:
+    columns = line.split()
+    if len(columns) != 4:
+      raise ValueError(f"expected 4 columns (TREC qrels: qid 0 docid rel), found {len(columns)}")
+    qid, _, docid, rel = columns
+  return qid, docid, _parse_int(rel, "relevance")
+
+
+def read_qrels(path: PathLike) -> dict[str, dict[str, int]]:
+  """Qrels -> {qid: {docid: relevance}}.
+
+  BEIR (a header row `query-id corpus-id score`, then tab-separated rows) or TREC (`qid 0 docid rel`),
+  detected per file from its first line.
+  """
+  qrels: dict[str, dict[str, int]] = {}
+  beir = None
+  for number, line in _iter_lines(path):
+    if beir is None:
+      beir = line.split() == _BEIR_QRELS_HEADER
+      if beir:
+        continue
+    try:
+      qid, docid, rel = _parse_qrel(line, beir)
+    except ValueError as e:
+      raise FormatError(path, number, str(e)) from None
+    judged = qrels.setdefault(qid, {})
+    if docid in judged:
+      raise FormatError(path, number, f"duplicate judgment for query {qid!r}, document {docid!r}")
+    judged[docid] = rel
+  if not qrels:
+    raise FormatError(path, number, "no judgments (only a header)")
+  return qrels
+
+
+def _trec_field(value: str, what: str) -> str:
+  """`value` if it can be a whitespace-separated TREC column, else a ValueError."""
+  if not value or any(c.isspace() for c in value):
+    raise ValueError(f"{what} {value!r} must be non-empty and hold no whitespace (TREC columns)")
+  return value
+
+
+def write_qrels(path: PathLike, qrels: Mapping[str, Mapping[str, int]]) -> None:
+  """Writes TREC qrels lines `qid 0 docid rel`."""
+  with atomic_write(path) as f:
+    for qid, judged in qrels.items():
+      _trec_field(qid, "query id")
+      for docid, rel in judged.items():
+        f.write(f"{qid} 0 {_trec_field(docid, 'document id')} {int(rel)}\n")
+
+
+def _parse_run_line(line: str) -> tuple[str, str, float]:
+  columns = line.split()
+  if len(columns) != 6:
+    raise ValueError(f"expected 6 columns (TREC run: qid Q0 docid rank score tag), found {len(columns)}")
+  qid, _, docid, rank, score, _ = columns
+  _parse_int(rank, "rank")
+  try:
+    value = float(score)
+  except ValueError:
+    raise ValueError(f"score {score!r} is not a number") from None
+  if not math.isfinite(value):
+    raise ValueError(f"non-finite score {score}")
+  return qid, docid, value
+
+
+def read_run(path: PathLike) -> dict[str, dict[str, float]]:
+  """TREC run (`qid Q0 docid rank score tag`) -> {qid: {docid: score}}."""
+  run: dict[str, dict[str, float]] = {}
+  for number, (qid, docid, score) in _read_records(path, _parse_run_line, _BadLines(path, False, None)):
+    scored = run.setdefault(qid, {})
+    if docid in scored:
+      raise FormatError(path, number, f"duplicate document {docid!r} for query {qid!r}")
+    scored[docid] = score
+  return run
+
+
+def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]], tag: str = "pairdistill") -> None:
+  """Writes a TREC run; each query's documents ranked by score descending, ties by docid ascending."""
+  _trec_field(tag, "run tag")
+  with atomic_write(path) as f:
+    for qid, scored in run.items():
+      _trec_field(qid, "query id")
+      ranked = sorted(scored.items(), key=lambda item: (-item[1], item[0]))
+      for rank, (docid, score) in enumerate(ranked, 1):
+        if not math.isfinite(score):
+          raise ValueError(f"non-finite score {score} for query {qid!r}, document {docid!r}")
+        f.write(f"{qid} Q0 {_trec_field(docid, 'document id')} {rank} {float(score)!r} {tag}\n")

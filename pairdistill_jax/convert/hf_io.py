@@ -1,0 +1,236 @@
+"""Reading HF / stanford-ColBERT checkpoint directories and writing HF-loadable ones.
+
+Readers return numpy; writers produce directories that `transformers.*.from_pretrained` loads.
+Weight names go through the one table in `bert_table`.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+from pairdistill_jax.convert.bert_table import flax_to_hf, hf_to_flax
+from pairdistill_jax.models.bert import BertConfig
+
+PathLike = str | os.PathLike
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+COLBERT_METADATA = "artifact.metadata"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+_ANCHOR = "embeddings.word_embeddings.weight"  # the key that marks a BERT in a state dict
+_MLM_HEAD = "cls."
+_COLBERT_LINEAR = "linear.weight"
+
+# safetensors dtype codes; safetensors.numpy cannot read BF16, so the file is parsed here.
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+_log = logging.getLogger(__name__)
+
+
+def _to_float32_if_half(x: np.ndarray) -> np.ndarray:
+  return x.astype(np.float32) if x.dtype in _HALF_DTYPES else x
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  with open(path, "rb") as f:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_len))
+  header.pop("__metadata__", None)
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+  tensors = {}
+  for name, info in header.items():
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader "
+                       f"does not handle (known: {sorted(_SAFETENSORS_DTYPES)}).")
+    begin, end = info["data_offsets"]
+    raw = data[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    tensors[name] = _to_float32_if_half(np.array(raw))
+  return tensors
+
+
+def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"{path} is a PyTorch file; reading it needs torch (pip install torch), "
+                      f"or convert the checkpoint to {SAFETENSORS}.") from e
+  state = torch.load(path, weights_only=True, map_location="cpu")
+  not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+  if not_tensors:
+    raise ValueError(f"{path}: expected a state dict of tensors; these entries are not tensors: "
+                     f"{not_tensors}")
+  return {k: v.detach().float().numpy() if v.dtype in (torch.float16, torch.bfloat16)
+          else v.detach().numpy() for k, v in state.items()}
+
+
+def _read_sharded(index: pathlib.Path,
+                  read: Callable[[pathlib.Path], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  weight_map = json.loads(index.read_text())["weight_map"]
+  tensors = {}
+  for shard in sorted(set(weight_map.values())):
+    tensors.update(read(index.parent / shard))
+  absent = sorted(weight_map.keys() - tensors.keys())
+  if absent:
+    raise ValueError(f"{index}: these tensors are listed but in no shard: {absent}")
+  return tensors
+
+
+def read_state_dict(directory: PathLike) -> dict[str, np.ndarray]:
+  """All tensors of a HF checkpoint directory as numpy (half-precision floats become float32)."""
+  d = pathlib.Path(directory)
+  readers = ((SAFETENSORS, _read_safetensors),
+             (SAFETENSORS_INDEX, lambda p: _read_sharded(p, _read_safetensors)),
+             (TORCH_BIN, _read_torch_bin),
+             (TORCH_BIN_INDEX, lambda p: _read_sharded(p, _read_torch_bin)))
+  for name, read in readers:
+    if (d / name).is_file():
+      return read(d / name)
+  raise FileNotFoundError(
+      f"no weights in {d}: looked for {', '.join(name for name, _ in readers)}.")
+
+
+def bert_prefix(keys: Iterable[str]) -> str:
+  """The key prefix of the BERT inside a state dict: '' (BertModel) or e.g. 'bert.' (BertFor*)."""
+  prefixes = sorted({k[:-len(_ANCHOR)] for k in keys
+                     if k == _ANCHOR or k.endswith("." + _ANCHOR)})
+  if len(prefixes) == 1:
+    return prefixes[0]
+  if not prefixes:
+    raise ValueError(f"no BERT found: no key ends with {_ANCHOR!r}; is this a BERT checkpoint?")
+  raise ValueError(f"several BERTs found, under prefixes {prefixes}; call hf_to_flax with the "
+                   f"prefix of the one wanted.")
+
+
+def _read_config(d: pathlib.Path) -> BertConfig:
+  if not (d / CONFIG).is_file():
+    raise FileNotFoundError(f"no {CONFIG} in {d}; a HF checkpoint directory needs one.")
+  return BertConfig.from_json_file(d / CONFIG)
+
+
+def import_bert(directory: PathLike) -> tuple[BertConfig, dict, dict[str, np.ndarray]]:
+  """(config, BertEncoder params, the non-BERT tensors) of a HF BERT checkpoint directory."""
+  d = pathlib.Path(directory)
+  config = _read_config(d)
+  state = read_state_dict(d)
+  mlm_head = sorted(k for k in state if k.startswith(_MLM_HEAD))
+  if mlm_head:
+    _log.warning("%s: dropping %d masked-LM head tensors (%s...)", d, len(mlm_head), mlm_head[0])
+    state = {k: v for k, v in state.items() if not k.startswith(_MLM_HEAD)}
+  prefix = bert_prefix(state)
+  config = dataclasses.replace(config, add_pooling_layer=f"{prefix}pooler.dense.weight" in state)
+  params, unplaced = hf_to_flax(state, config, prefix)
+  unplaced = set(unplaced)
+  extra = {k: v for k, v in state.items() if not k.startswith(prefix) or k in unplaced}
+  return config, params, extra
+
+
+def import_colbert(directory: PathLike) -> tuple[BertConfig, dict, dict]:
+  """(config, {'bert': ..., 'linear': {'kernel': ...}}, artifact metadata) of a ColBERT dir."""
+  d = pathlib.Path(directory)
+  config, bert_params, extra = import_bert(d)
+  linear = extra.pop(_COLBERT_LINEAR, None)
+  if linear is None:
+    raise ValueError(f"{d}: no {_COLBERT_LINEAR!r} tensor (the ColBERT projection); is this a "
+                     f"stanford ColBERT / HF_ColBERT checkpoint?")
+  if extra:
+    raise ValueError(f"{d}: cannot place these tensors in a ColBERT model: {sorted(extra)}")
+  if linear.ndim != 2 or linear.shape[1] != config.hidden_size:
+    raise ValueError(f"{d}: {_COLBERT_LINEAR} has shape {linear.shape}, expected "
+                     f"(dim, {config.hidden_size}).")
+  metadata_path = d / COLBERT_METADATA
+  metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+  kernel = np.ascontiguousarray(linear.T, dtype=np.float32)
+  return config, {"bert": bert_params, "linear": {"kernel": kernel}}, metadata
+
+
+def write_safetensors(path: PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes tensors (floating ones as contiguous float32) to a safetensors file."""
+  arrays = {}
+  for name, value in tensors.items():
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+      array = array.astype(np.float32)
+    arrays[name] = np.ascontiguousarray(array)
+  safetensors.numpy.save_file(arrays, str(path), metadata=dict(metadata or {"format": "pt"}))
+
+
+def export_bert(directory: PathLike, config: BertConfig, params: Mapping, *, prefix: str = "",
+                extra_tensors: Mapping[str, Any] | None = None,
+                config_extra: Mapping[str, Any] | None = None,
+                tokenizer_dir: PathLike | None = None) -> None:
+  """Writes a HF checkpoint directory atomically (replacing an existing one)."""
+  tensors = flax_to_hf(params, config, prefix)
+  clashes = sorted(tensors.keys() & (extra_tensors or {}).keys())
+  if clashes:
+    raise ValueError(f"extra_tensors would overwrite BERT weights: {clashes}")
+  hf_config = {**config.to_hf_dict(), **(config_extra or {})}
+  tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+  with _atomic_directory(pathlib.Path(directory)) as tmp:
+    write_safetensors(tmp / SAFETENSORS, {**tensors, **(extra_tensors or {})})
+    (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    for f in tokenizer_files:
+      shutil.copy2(f, tmp / f.name)
+
+
+def _tokenizer_files(tokenizer_dir: PathLike) -> list[pathlib.Path]:
+  files = [pathlib.Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
+  files = [f for f in files if f.is_file()]
+  if not files:
+    raise FileNotFoundError(f"no tokenizer files in {tokenizer_dir}: looked for "
+                            f"{', '.join(TOKENIZER_FILES)}.")
+  return files
+
+
+@contextlib.contextmanager
+def _atomic_directory(target: pathlib.Path) -> Iterator[pathlib.Path]:
+  """Yields a temporary sibling of `target` that replaces `target` only if the body succeeds."""
+  if target.exists() and not target.is_dir():
+    raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+  try:
+    os.chmod(tmp, 0o755)
+    yield tmp
+    _swap_in(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _swap_in(new: pathlib.Path, target: pathlib.Path) -> None:
+  """Renames `new` onto `target`; an existing `target` is restored if that fails."""
+  if not target.exists():
+    os.replace(new, target)
+    return
+  old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+  os.replace(target, old)
+  try:
+    os.replace(new, target)
+  except BaseException:
+    os.replace(old, target)
+    raise
+  shutil.rmtree(old)

@@ -1,0 +1,298 @@
+"""BERT encoder in Flax linen: HF `BertModel` numerics with HF parameter names.
+
+The parameter tree mirrors the PyTorch module names (`embeddings/word_embeddings`,
+`encoder/layer_{i}/attention/self/query`, ...) so the HF<->Flax weight table in
+`pairdistill_jax.convert.bert_table` is regular. Every parameter carries logical axis names
+('vocab', 'embed', 'heads', 'mlp' or None) for `pairdistill_jax.sharding`.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Axes = tuple[str | None, ...]
+
+_INIT_STD = 0.02  # HF initializer_range
+_SUPPORTED_ACT = "gelu"  # HF "gelu" is the exact erf GELU
+_SUPPORTED_POSITIONS = "absolute"
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The BERT hyperparameters that change the computation (HF `BertConfig` field names)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  pad_token_id: int = 0
+  add_pooling_layer: bool = True
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+          f"{self.num_attention_heads}; choose a head count that divides the hidden size.")
+
+  @classmethod
+  def from_hf_dict(cls, d: Mapping) -> "BertConfig":
+    """Builds a config from an HF config.json dict; keys that are not fields are ignored."""
+    act = d.get("hidden_act", _SUPPORTED_ACT)
+    if act != _SUPPORTED_ACT:
+      raise ValueError(
+          f"hidden_act {act!r} is not supported: BertEncoder implements only the exact erf "
+          f"GELU (HF 'gelu'); use a checkpoint whose config.json has hidden_act 'gelu'.")
+    positions = d.get("position_embedding_type", _SUPPORTED_POSITIONS)
+    if positions != _SUPPORTED_POSITIONS:
+      raise ValueError(
+          f"position_embedding_type {positions!r} is not supported: BertEncoder implements only "
+          f"learned absolute positions; use a checkpoint with position_embedding_type 'absolute'.")
+    names = {f.name for f in dataclasses.fields(cls)} - {"add_pooling_layer"}
+    return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+  @classmethod
+  def from_json_file(cls, path: str | os.PathLike) -> "BertConfig":
+    with open(path, encoding="utf-8") as f:
+      try:
+        d = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected an HF BERT config.json.") from e
+    return cls.from_hf_dict(d)
+
+  def to_hf_dict(self) -> dict:
+    """An HF config.json dict (`transformers.BertConfig(**d)` loads it); no add_pooling_layer."""
+    d = dataclasses.asdict(self)
+    del d["add_pooling_layer"]
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_act": _SUPPORTED_ACT,
+        "position_embedding_type": _SUPPORTED_POSITIONS,
+        "initializer_range": _INIT_STD,
+        **d,
+    }
+
+
+def _param_init(init: nn.initializers.Initializer, axes: Axes) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(init, axes)
+
+
+def _dense(features: int, kernel_axes: Axes, dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_param_init(nn.initializers.normal(_INIT_STD), kernel_axes),
+      bias_init=_param_init(nn.initializers.zeros_init(), kernel_axes[-1:]),
+      name=name)
+
+
+def _layer_norm(config: BertConfig, dtype: Any) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      scale_init=_param_init(nn.initializers.ones_init(), ("embed",)),
+      bias_init=_param_init(nn.initializers.zeros_init(), ("embed",)),
+      name="LayerNorm")
+
+
+def _embed(num: int, features: int, axes: Axes, name: str) -> nn.Embed:
+  return nn.Embed(
+      num,
+      features,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      embedding_init=_param_init(nn.initializers.normal(_INIT_STD), axes),
+      name=name)
+
+
+class BertEmbeddings(nn.Module):
+  """word + absolute position + token-type embeddings, LayerNorm, dropout."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids_BxL: Array, token_type_ids_BxL: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    length = input_ids_BxL.shape[1]
+    if length > cfg.max_position_embeddings:
+      raise ValueError(
+          f"sequence length {length} exceeds max_position_embeddings "
+          f"{cfg.max_position_embeddings}; truncate the inputs.")
+    words_BxLxH = _embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
+                         "word_embeddings")(input_ids_BxL)
+    positions_LxH = _embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
+                           "position_embeddings")(jnp.arange(length))
+    types_BxLxH = _embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
+                         "token_type_embeddings")(token_type_ids_BxL)
+    x_BxLxH = _layer_norm(cfg, self.dtype)(words_BxLxH + positions_LxH[None] + types_BxLxH)
+    return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head scaled dot-product attention (explicit einsum, float32 softmax)."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // heads
+
+    def project(name: str) -> Array:
+      y_BxLxH = _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name)(x_BxLxH)
+      return y_BxLxH.reshape(*y_BxLxH.shape[:2], heads, head_dim)
+
+    q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = project("query"), project("key"), project("value")
+    logits_BxNxLxL = jnp.einsum(
+        "bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
+    logits_BxNxLxL = logits_BxNxLxL * head_dim**-0.5 + mask_bias_Bx1x1xL
+    probs_BxNxLxL = jax.nn.softmax(logits_BxNxLxL, axis=-1)
+    probs_BxNxLxL = nn.Dropout(cfg.attention_probs_dropout_prob)(
+        probs_BxNxLxL, deterministic=deterministic)
+    out_BxLxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxLxL.astype(self.dtype), v_BxLxNxD)
+    return out_BxLxNxD.reshape(x_BxLxH.shape)
+
+
+class BertResidualOutput(nn.Module):
+  """dense -> dropout -> + residual -> LayerNorm (HF BertSelfOutput and BertOutput)."""
+
+  config: BertConfig
+  kernel_axes: Axes
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxF: Array, residual_BxLxH: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    y_BxLxH = _dense(cfg.hidden_size, self.kernel_axes, self.dtype, "dense")(x_BxLxF)
+    y_BxLxH = nn.Dropout(cfg.hidden_dropout_prob)(y_BxLxH, deterministic=deterministic)
+    return _layer_norm(cfg, self.dtype)(y_BxLxH + residual_BxLxH)
+
+
+class BertAttention(nn.Module):
+  """Self-attention followed by its residual output block."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
+    attended_BxLxH = BertSelfAttention(self.config, self.dtype, name="self")(
+        x_BxLxH, mask_bias_Bx1x1xL, deterministic)
+    return BertResidualOutput(self.config, ("heads", "embed"), self.dtype, name="output")(
+        attended_BxLxH, x_BxLxH, deterministic)
+
+
+class BertIntermediate(nn.Module):
+  """dense to intermediate_size followed by the exact erf GELU."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH: Array) -> Array:
+    y_BxLxI = _dense(self.config.intermediate_size, ("embed", "mlp"), self.dtype, "dense")(x_BxLxH)
+    return jax.nn.gelu(y_BxLxI, approximate=False)
+
+
+class BertLayer(nn.Module):
+  """One post-LN transformer layer."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    x_BxLxH = BertAttention(cfg, self.dtype, name="attention")(
+        x_BxLxH, mask_bias_Bx1x1xL, deterministic)
+    y_BxLxI = BertIntermediate(cfg, self.dtype, name="intermediate")(x_BxLxH)
+    return BertResidualOutput(cfg, ("mlp", "embed"), self.dtype, name="output")(
+        y_BxLxI, x_BxLxH, deterministic)
+
+
+class BertLayerStack(nn.Module):
+  """num_hidden_layers BertLayers named layer_{i}, each optionally rematerialised."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
+    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+    for i in range(self.config.num_hidden_layers):
+      x_BxLxH = layer_cls(self.config, self.dtype, name=f"layer_{i}")(
+          x_BxLxH, mask_bias_Bx1x1xL, deterministic)
+    return x_BxLxH
+
+
+class BertPooler(nn.Module):
+  """tanh(dense(hidden state of the first token))."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH: Array) -> Array:
+    y_BxH = _dense(self.config.hidden_size, ("embed", "mlp"), self.dtype, "dense")(x_BxLxH[:, 0])
+    return jnp.tanh(y_BxH)
+
+
+def attention_mask_bias(attention_mask_BxL: Array) -> Array:
+  """Additive float32 key mask as HF builds it: 0 where attended, finfo(float32).min elsewhere."""
+  keep_BxL = attention_mask_BxL.astype(bool)
+  bias_BxL = jnp.where(keep_BxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+  return bias_BxL[:, None, None, :]
+
+
+class BertEncoder(nn.Module):
+  """HF `BertModel` forward pass: (last hidden states, pooled output or None).
+
+  Attributes:
+    config: the BERT hyperparameters.
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters are always float32, softmax and
+      LayerNorm statistics are computed in float32.
+    remat: rematerialise each layer in the backward pass (nn.remat); parameter names unchanged.
+  """
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(
+      self,
+      input_ids_BxL: Array,
+      attention_mask_BxL: Array,
+      token_type_ids_BxL: Array | None = None,
+      *,
+      deterministic: bool = True,
+  ) -> tuple[Array, Array | None]:
+    if token_type_ids_BxL is None:
+      token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
+    x_BxLxH = BertEmbeddings(self.config, self.dtype, name="embeddings")(
+        input_ids_BxL, token_type_ids_BxL, deterministic)
+    hidden_BxLxH = BertLayerStack(self.config, self.dtype, self.remat, name="encoder")(
+        x_BxLxH, attention_mask_bias(attention_mask_BxL), deterministic)
+    if not self.config.add_pooling_layer:
+      return hidden_BxLxH, None
+    return hidden_BxLxH, BertPooler(self.config, self.dtype, name="pooler")(hidden_BxLxH)

@@ -32,7 +32,9 @@ def get_config(arg=None):
   c.sharding_rules = config_lib.SHARDING_RULES
 
   if demo:
-    c.model.update(query_maxlen=16, doc_maxlen=48, dtype="float32", bert=config_lib.bert_demo())
+    # Mean pooling: a randomly initialised BERT's [CLS] vector hardly depends on the input.
+    c.model.update(query_maxlen=16, doc_maxlen=48, dtype="float32", pooling="mean",
+                   bert=config_lib.bert_demo())
     c.init.pretrained = ""
     c.data.update(demo=True, max_pairs=4)
     c.optim.update(lr=5e-4, warmup_steps=20)

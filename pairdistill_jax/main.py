@@ -33,21 +33,40 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoi
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 
 
+def fail(message: str) -> None:
+  """Exits with status 2 and a one-line error (no traceback, no flag dump)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a clear message for an unknown `--config.x` field or a bad value."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    field = str(e.args[0]).strip("'\"") if e.args else "?"
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    fail(f"unknown config field {field!r} in {' '.join(overrides)}; see the config file for the fields")
+  except flags.Error as e:
+    # ml_collections puts a config file's traceback into the message; its last line is the reason.
+    fail(str(e).strip().splitlines()[-1])
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/colbert.py:demo")
+    fail("--config is required, e.g. --config=configs/colbert.py:demo")
   mode = _MODE.value
   if mode in NOT_BUILT:
-    raise app.UsageError(f"--mode={mode} ({NOT_BUILT[mode]}) is not built yet; available: --mode=train")
+    fail(f"--mode={mode} ({NOT_BUILT[mode]}) is not built yet; available: --mode=train")
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+    fail("--workdir is required")
   try:
     config_lib.validate(config, jax.device_count())
   except config_lib.ConfigError as e:
-    raise app.UsageError(f"invalid config: {e}") from None
+    fail(f"invalid config: {e}")
 
   from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
   summary = loop.train(config, _WORKDIR.value)
@@ -68,7 +87,7 @@ def format_summary(summary: dict) -> str:
 
 def run() -> None:
   logging.getLogger("absl").setLevel(logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

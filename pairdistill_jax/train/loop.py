@@ -121,6 +121,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   init_rng, step_rng = jax.random.split(rng)
   with jax.set_mesh(mesh):
     state, shardings = state_lib.create(model, tx, config, mesh, init_rng)
+    if config.model.kind == "dpr" and not config.model.shared_towers and not pretrained:
+      # As with a pretrained init, both towers start from the same weights.
+      pretrained = {"passage_encoder": jax.tree.map(np.asarray, state.params["query_encoder"])}
     state = state_lib.with_pretrained(state, shardings, pretrained)
     step_fn = make_train_step(model, tx, config, mesh, shardings)
     batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))

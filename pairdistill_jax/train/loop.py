@@ -20,7 +20,7 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-from pairdistill_jax import sharding
+from pairdistill_jax import checkpoint, sharding
 from pairdistill_jax.convert.students import import_student
 from pairdistill_jax.data import batching, demo, formats
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
@@ -119,19 +119,31 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   tx = state_lib.optimizer(config)
   rng = jax.random.PRNGKey(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
+  if jax.process_index() == 0:
+    checkpoint.save_model_info(workdir, config, bert_config, paths.tokenizer)
+  checkpointer = checkpoint.Checkpointer(workdir, every=config.train.checkpoint_every,
+                                         keep=config.train.keep_checkpoints)
   with jax.set_mesh(mesh):
     state, shardings = state_lib.create(model, tx, config, mesh, init_rng)
-    if config.model.kind == "dpr" and not config.model.shared_towers and not pretrained:
-      # As with a pretrained init, both towers start from the same weights.
-      pretrained = {"passage_encoder": jax.tree.map(np.asarray, state.params["query_encoder"])}
-    state = state_lib.with_pretrained(state, shardings, pretrained)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      logging.info("Resuming from %s/checkpoints/%d", workdir, latest)
+      state = checkpointer.restore(latest, state, shardings)
+    else:
+      if config.model.kind == "dpr" and not config.model.shared_towers and not pretrained:
+        # As with a pretrained init, both towers start from the same weights.
+        pretrained = {"passage_encoder": jax.tree.map(np.asarray, state.params["query_encoder"])}
+      state = state_lib.with_pretrained(state, shardings, pretrained)
     step_fn = make_train_step(model, tx, config, mesh, shardings)
     batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
-    return _run(config, workdir, state, step_fn, host_batches(config, paths, tokenizer), batch_sh, step_rng,
-                on_log)
+    batches = host_batches(config, paths, tokenizer, start_step=int(state.step))
+    try:
+      return _run(config, workdir, state, step_fn, batches, batch_sh, step_rng, checkpointer, on_log)
+    finally:
+      checkpointer.close()
 
 
-def _run(config, workdir, state, step_fn, batches, batch_sh, rng, on_log) -> dict:
+def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, on_log) -> dict:
   """Steps until train.steps. Each step's metrics are read after the next step is dispatched, so the host
   prepares batch t+1 while the device computes step t."""
   t = config.train
@@ -169,6 +181,7 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, on_log) -> dic
       state, metrics = step_fn(state, sharding.shard_batch(host, batch_sh), rng)
       if pending:
         consume(*pending)
+      checkpointer.save(step + 1, state, last=step + 1 == t.steps)
       pending = (step, metrics, tokens)
     if pending:
       consume(*pending)

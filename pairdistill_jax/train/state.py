@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +48,13 @@ def init_inputs(config: ml_collections.ConfigDict) -> tuple[np.ndarray, ...]:
   return q, q, d, d
 
 
+def init_boxed(model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               rng: jax.Array) -> TrainState:
+  """A fresh train state whose parameters are `nn.LogicallyPartitioned` boxes (they carry axis names)."""
+  params = model.init({"params": rng, "dropout": rng}, *init_inputs(config))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
 def create(model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
            mesh: jax.sharding.Mesh, rng: jax.Array) -> tuple[TrainState, TrainState]:
   """Initialises the state directly in sharded form; returns (state, its shardings).
@@ -54,15 +62,9 @@ def create(model: nn.Module, tx: optax.GradientTransformation, config: ml_collec
   Parameters are created by a jit whose out_shardings follow the logical-axis rules, so no device ever
   holds more than its shard.
   """
-  inputs = init_inputs(config)
-
-  def init_boxed(rng):
-    params = model.init({"params": rng, "dropout": rng}, *inputs)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(init_boxed, rng)
-  shardings = sharding.tree_shardings(abstract, mesh, sharding.rules(config))
-  state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)(rng)
+  init = functools.partial(init_boxed, model, tx, config)
+  shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh, sharding.rules(config))
+  state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
 
 

@@ -95,7 +95,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                            state.replace(step=state.step + 1))

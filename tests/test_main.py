@@ -1,0 +1,59 @@
+"""The entry point end to end: the demo configs train, and bad flags give clear one-line errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(*args, workdir):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device, as a user's laptop
+  return subprocess.run([sys.executable, "-m", "pairdistill_jax.main", f"--workdir={workdir}", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def summary(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = next(l for l in result.stdout.splitlines() if l.startswith("SUMMARY "))
+  return json.loads(line[len("SUMMARY "):])
+
+
+def test_colbert_demo_loss_falls_and_pair_agreement_rises(tmp_path):
+  result = run_main("--config=configs/colbert.py:demo", "--config.train.steps=80", workdir=tmp_path)
+  s = summary(result)
+  assert s["steps"] == 80
+  assert s["last_loss"] < 0.8 * s["first_loss"]
+  assert s["last_pair_agreement"] > s["first_pair_agreement"] + 0.1
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(10, 81, 10))
+  for key in ("loss_kd", "loss_pair", "loss_ib", "lr", "grad_norm", "queries_per_s", "tokens_per_s",
+              "step_time"):
+    assert key in records[-1]
+  assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_dpr_demo_runs_to_completion(tmp_path):
+  s = summary(run_main("--config=configs/dpr.py:demo", "--config.train.steps=40", workdir=tmp_path))
+  assert s["steps"] == 40 and s["last_loss"] < s["first_loss"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/colbert.py:demo", "--config.model.nonexistent=1"],
+     "unknown config field 'nonexistent'"),
+    (["--config=configs/colbert.py:demo", "--config.optim.lr=fast"], "--config.optim.lr=fast"),
+    (["--config=configs/colbert.py:demo", "--config.train.batch_size=6"], "loss.in_batch_group=4 must divide"),
+    (["--config=configs/colbert.py:demo,bogus=1"], "unknown config argument 'bogus'"),
+    (["--config=configs/colbert.py:demo", "--config.mesh.data=3"], "mesh"),
+    (["--config=configs/colbert.py"], "data.train is empty"),
+    (["--config=configs/colbert.py:demo", "--mode=export"], "--mode=export"),
+])
+def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
+  result = run_main(*args, workdir=tmp_path)
+  assert result.returncode == 2
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr

@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.loss = dict(temperature=1.0, pair_alpha=3.0, in_batch=True, in_batch_group=4)  # group -1: micro-batch
   c.optim = dict(lr=1e-5, warmup_steps=3_000, clip_norm=2.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(batch_size=arg.batch_size, grad_accum=arg.grad_accum, steps=arg.steps, seed=0,
-                 log_every=50, checkpoint_every=1_000, keep_checkpoints=3)
+                 log_every=50, checkpoint_every=1_000, keep_checkpoints=3, eval_every=0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = config_lib.SHARDING_RULES
 

@@ -19,7 +19,8 @@ BATCH, NWAY, LQ, LD, PAIRS, VOCAB = 8, 4, 8, 12, 3, 64
 def tiny_config(kind="colbert", **mesh):
   config = (colbert_config if kind == "colbert" else dpr_config).get_config("demo")
   config.model.update(query_maxlen=LQ, doc_maxlen=LD)
-  config.model.bert.update(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+  config.model.bert.update(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64)
   config.data.update(nway=NWAY, max_pairs=PAIRS)
   config.train.update(batch_size=BATCH, steps=10)
   # A large Adam eps: parameters whose exact gradient is 0 (a shift common to all of a query's passages)
@@ -144,3 +145,23 @@ def test_non_finite_loss_leaves_the_state_unchanged():
   assert float(metrics["finite"]) == 0.0
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_bf16_compute_keeps_float32_params_and_close_loss():
+  batch = random_batch(0)
+  ref_losses, _, _ = run_steps(tiny_config(data=8), [batch])
+  config = tiny_config(data=8)
+  config.model.dtype = "bfloat16"
+  losses, params, _ = run_steps(config, [batch])
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  np.testing.assert_allclose(losses, ref_losses, rtol=3e-2)
+
+
+def test_remat_gives_the_same_step():
+  batches = [random_batch(0), random_batch(1)]
+  ref_losses, ref_params, _ = run_steps(tiny_config(data=8), batches)
+  config = tiny_config(data=8)
+  config.model.remat = "full"
+  losses, params, _ = run_steps(config, batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-7)

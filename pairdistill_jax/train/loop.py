@@ -13,6 +13,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -87,14 +88,16 @@ class MetricsWriter:
       self._jsonl = open(workdir / "metrics.jsonl", "a")
       self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
 
-  def write(self, step: int, record: dict) -> None:
-    self.history.append(dict(record, step=step))
+  def write(self, step: int, record: dict, section: str = "train") -> None:
+    if section == "train":
+      self.history.append(dict(record, step=step))
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps(dict(record, step=step)) + "\n")
+    prefix = "" if section == "train" else f"{section}_"
+    self._jsonl.write(json.dumps({**{prefix + k: v for k, v in record.items()}, "step": step}) + "\n")
     self._jsonl.flush()
     for name, value in record.items():
-      self._tb.add_scalar(f"train/{name}", value, step)
+      self._tb.add_scalar(f"{section}/{name}", value, step)
 
   def close(self) -> None:
     if self.enabled:
@@ -103,8 +106,12 @@ class MetricsWriter:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          on_log: Callable[[int, dict], None] | None = None) -> dict:
-  """Trains the student of `config`; returns the run summary (first and last logged windows)."""
+          evaluate: Callable[[int, Any], dict] | None = None) -> dict:
+  """Trains the student of `config`; returns the run summary (first and last logged windows).
+
+  `evaluate(step, params) -> metrics`, when given, runs every `train.eval_every` steps (the periodic dev
+  evaluation); its metrics go to metrics.jsonl (with "eval_" prefixes) and TensorBoard's eval/ section.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
@@ -138,12 +145,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
     batches = host_batches(config, paths, tokenizer, start_step=int(state.step))
     try:
-      return _run(config, workdir, state, step_fn, batches, batch_sh, step_rng, checkpointer, on_log)
+      return _run(config, workdir, state, step_fn, batches, batch_sh, step_rng, checkpointer, evaluate)
     finally:
       checkpointer.close()
 
 
-def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, on_log) -> dict:
+def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, evaluate) -> dict:
   """Steps until train.steps. Each step's metrics are read after the next step is dispatched, so the host
   prepares batch t+1 while the device computes step t."""
   t = config.train
@@ -169,8 +176,6 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
                   tokens_per_s=sum(w["tokens"] for w in window) / elapsed)
     writer.write(step + 1, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", pairs=f"{record['pair_agreement']:.3f}")
-    if on_log:
-      on_log(step + 1, record)
     window, window_start = [], time.perf_counter()
 
   pending = None
@@ -182,6 +187,8 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
       if pending:
         consume(*pending)
       checkpointer.save(step + 1, state, last=step + 1 == t.steps)
+      if evaluate and t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+        writer.write(step + 1, evaluate(step + 1, state.params), section="eval")
       pending = (step, metrics, tokens)
     if pending:
       consume(*pending)

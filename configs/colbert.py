@@ -24,14 +24,17 @@ def get_config(arg=None):
       attend_to_mask_tokens=False, dtype="bfloat16", remat="none",
       bert=config_lib.bert_base())  # the shape of a random init; unused when init.pretrained is set
   # pretrained: a local stanford ColBERT or HF BERT directory (download colbert-ir/colbertv2.0 beforehand);
-  # tokenizer: a local tokenizer directory, by default the pretrained one.
-  c.init = dict(pretrained="colbert-ir/colbertv2.0", tokenizer="")
+  # checkpoint: a workdir of ours (e.g. the previous PairDistill round) or such a directory, used instead;
+  # tokenizer: a local tokenizer directory, by default the one of the weights the run starts from.
+  # A workdir's own newest checkpoint always wins: rerunning a command resumes it.
+  c.init = dict(pretrained="colbert-ir/colbertv2.0", checkpoint="", tokenizer="")
   c.data = dict(train="", collection="", queries="", nway=arg.nway, max_pairs=16, demo=False,
                 skip_bad_lines=False)
   c.loss = dict(temperature=1.0, pair_alpha=3.0, in_batch=True, in_batch_group=4)  # group -1: micro-batch
   c.optim = dict(lr=1e-5, warmup_steps=3_000, clip_norm=2.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(batch_size=arg.batch_size, grad_accum=arg.grad_accum, steps=arg.steps, seed=0,
-                 log_every=50, checkpoint_every=1_000, keep_checkpoints=3, eval_every=0)
+                 log_every=50, checkpoint_every=1_000, keep_checkpoints=3, eval_every=0,
+                 best_metric="")  # best_metric: an eval metric whose best checkpoint is kept too
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = config_lib.SHARDING_RULES
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 import shutil
 from typing import Any
@@ -20,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from pairdistill_jax.models.bert import BertConfig
 
@@ -28,27 +30,60 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class Checkpointer:
-  """Saves the train state every `every` steps (and at the last step), keeping the newest `keep`."""
+  """Saves the train state, the data-iterator state and the config every `every` steps and at the last
+  step; keeps the newest `keep` checkpoints plus the best one by the dev metric `best_metric` (if set).
+  All processes call it together; Orbax writes each process's shards and commits atomically."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int):
+  def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int, best_metric: str = ""):
     self.every = every
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+    self.best_metric = best_metric
+    policies = [LatestN(n=keep)]
+    if best_metric:
+      policies.append(BestN(get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True,
+                                           preservation_policy=AnyPreservationPolicy(policies))
+    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, *, last: bool = False) -> bool:
-    """Starts an asynchronous save of `state` (the state after `step` steps) on the interval or if `last`."""
+  def save(self, step: int, state: Any, *, data_state: Any = None, config: ml_collections.ConfigDict | None = None,
+           metrics: dict | None = None, last: bool = False) -> bool:
+    """Starts an asynchronous save (the state after `step` steps) on the interval or if `last`."""
     if step % self.every and not last:
       return False
-    return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave({"iterator": data_state})}
+    if config is not None:
+      items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+    if metrics is not None and self.best_metric not in metrics:
+      metrics = None  # only checkpoints with the ranking metric compete for "best"
+    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
-  def restore(self, step: int, like: Any, shardings: Any) -> Any:
-    """The state saved at `step`, placed with `shardings` (which may differ from the saving run's)."""
+  def restore(self, step: int, like: Any, shardings: Any) -> tuple[Any, Any]:
+    """(state, data-iterator state) saved at `step`; the state placed with `shardings`, which may differ
+    from the saving run's mesh."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored.state
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    return restored.state, restored.data["iterator"]
+
+  def restore_latest(self, like: Any, shardings: Any) -> tuple[int, Any, Any] | None:
+    """(step, state, data state) of the newest checkpoint that restores; a corrupted one is skipped with a
+    warning and the one before it is tried. None when there is none."""
+    for step in reversed(self.all_steps()):
+      try:
+        return (step, *self.restore(step, like, shardings))
+      except Exception as e:  # noqa: BLE001 (any failure to read means: not usable)
+        logging.warning("Checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                        self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+    return None
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
@@ -98,7 +133,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
   init = functools.partial(state_lib.init_boxed, model, tx, config)
   like = nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = checkpointer.restore(step, like, jax.tree.map(lambda _: device, like))
+  state, _ = checkpointer.restore(step, like, jax.tree.map(lambda _: device, like))
   checkpointer.close()
   return TrainedModel(config, bert_config, jax.tree.map(np.asarray, state.params), str(info / "tokenizer"),
                       step)

@@ -14,9 +14,10 @@ import sys
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from pairdistill_jax import config_lib
+from pairdistill_jax import config_lib, distributed
 
 MODES = ("train", "evaluate", "export", "mine", "score", "benchmark")
 NOT_BUILT = {
@@ -31,6 +32,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and outputs.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs "
+                                   "outside TPU pods and SLURM (or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
 
 
 def fail(message: str) -> None:
@@ -63,6 +68,7 @@ def main(argv: list[str]) -> int:
     fail(f"--mode={mode} ({NOT_BUILT[mode]}) is not built yet; available: --mode=train")
   if not _WORKDIR.value:
     fail("--workdir is required")
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     config_lib.validate(config, jax.device_count())
   except config_lib.ConfigError as e:
@@ -73,20 +79,30 @@ def main(argv: list[str]) -> int:
   if jax.process_index() == 0:
     print(format_summary(summary))
     print("SUMMARY " + json.dumps(summary))
-  return 0
+  return 0  # also after a preemption: the checkpoint is saved and rerunning resumes
 
 
 def format_summary(summary: dict) -> str:
   """'loss 3.2100 -> 1.0500' lines for each tracked metric."""
-  lines = [f"trained {summary.get('steps', 0)} steps"]
+  lines = [f"trained up to step {summary.get('steps', 0)}"]
+  if summary.get("preempted_at") is not None:
+    lines.append(f"  preempted: checkpoint saved at step {summary['preempted_at']}; rerun to resume")
   for key in ("loss", "loss_kd", "loss_pair", "loss_ib", "pair_agreement", "top1_agreement"):
     if f"first_{key}" in summary:
       lines.append(f"  {key:15s} {summary[f'first_{key}']:.4f} -> {summary[f'last_{key}']:.4f}")
   return "\n".join(lines)
 
 
+class _OwnInfoOnly(logging.Filter):
+  """INFO records from this package; warnings and errors from everyone (orbax and jax are chatty)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "pairdistill_jax" in record.pathname
+
+
 def run() -> None:
   logging.getLogger("absl").setLevel(logging.INFO)
+  absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
   app.run(main, flags_parser=parse_flags)
 
 

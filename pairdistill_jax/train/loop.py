@@ -21,12 +21,13 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-from pairdistill_jax import checkpoint, sharding
-from pairdistill_jax.convert.students import import_student
+from pairdistill_jax import checkpoint, distributed, sharding
+from pairdistill_jax.convert.students import import_student, init_source, tokenizer_dir
 from pairdistill_jax.data import batching, demo, formats
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
+from pairdistill_jax.train.preemption import PreemptionWatcher
 from pairdistill_jax.train.step import make_train_step
 
 
@@ -45,11 +46,14 @@ class DataPaths:
 def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> DataPaths:
   """Where the training files and tokenizer are; the demo's are generated into WORKDIR/demo_data."""
   if config.data.demo:
-    root = demo.ensure(workdir / "demo_data", nway=config.data.nway, n_pairs=config.data.max_pairs)
+    root = workdir / "demo_data"
+    if jax.process_index() == 0:
+      demo.ensure(root, nway=config.data.nway, n_pairs=config.data.max_pairs)
+    distributed.barrier("demo data written")
     return DataPaths(str(root / "train.jsonl"), str(root / "collection.tsv"), str(root / "queries.train.tsv"),
                      config.init.tokenizer or str(root / "tokenizer"))
   return DataPaths(config.data.train, config.data.collection, config.data.queries,
-                   config.init.tokenizer or config.init.pretrained)
+                   tokenizer_dir(config))
 
 
 def make_tokenizer(config: ml_collections.ConfigDict, directory: str):
@@ -126,28 +130,41 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   tx = state_lib.optimizer(config)
   rng = jax.random.PRNGKey(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
+  distributed.assert_same_on_all_hosts(config.to_json_best_effort(), "config")
   if jax.process_index() == 0:
     checkpoint.save_model_info(workdir, config, bert_config, paths.tokenizer)
   checkpointer = checkpoint.Checkpointer(workdir, every=config.train.checkpoint_every,
-                                         keep=config.train.keep_checkpoints)
-  with jax.set_mesh(mesh):
-    state, shardings = state_lib.create(model, tx, config, mesh, init_rng)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      logging.info("Resuming from %s/checkpoints/%d", workdir, latest)
-      state = checkpointer.restore(latest, state, shardings)
-    else:
-      if config.model.kind == "dpr" and not config.model.shared_towers and not pretrained:
-        # As with a pretrained init, both towers start from the same weights.
-        pretrained = {"passage_encoder": jax.tree.map(np.asarray, state.params["query_encoder"])}
-      state = state_lib.with_pretrained(state, shardings, pretrained)
-    step_fn = make_train_step(model, tx, config, mesh, shardings)
-    batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
-    batches = host_batches(config, paths, tokenizer, start_step=int(state.step))
-    try:
+                                         keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
+  try:
+    with jax.set_mesh(mesh):
+      state, shardings = state_lib.create(model, tx, config, mesh, init_rng)
+      state, data_state = _initial_state(config, workdir, checkpointer, state, shardings, pretrained)
+      distributed.assert_same_on_all_hosts(int(state.step), "step to resume from")
+      step_fn = make_train_step(model, tx, config, mesh, shardings)
+      batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
+      batches = host_batches(config, paths, tokenizer, start_step=int(state.step))
       return _run(config, workdir, state, step_fn, batches, batch_sh, step_rng, checkpointer, evaluate)
-    finally:
-      checkpointer.close()
+  finally:
+    checkpointer.close()
+
+
+def _initial_state(config, workdir, checkpointer, state, shardings, pretrained):
+  """Resume order: the workdir's newest usable checkpoint, then init.checkpoint / init.pretrained (their
+  weights in `pretrained`), then the random init in `state`. Returns (state, data-iterator state)."""
+  restored = checkpointer.restore_latest(state, shardings)
+  if restored is not None:
+    step, state, data_state = restored
+    logging.info("Resuming from %s/%s/%d", workdir, checkpoint.CHECKPOINT_DIR, step)
+    return state, data_state
+  field, directory = init_source(config)
+  if field:
+    logging.info("Starting from init.%s=%s", field, directory)
+  else:
+    logging.info("Starting from a random init")
+    if config.model.kind == "dpr" and not config.model.shared_towers:
+      # As with a pretrained init, both towers start from the same weights.
+      pretrained = {"passage_encoder": jax.tree.map(np.asarray, state.params["query_encoder"])}
+  return state_lib.with_pretrained(state, shardings, pretrained), None
 
 
 def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, evaluate) -> dict:
@@ -179,6 +196,8 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
     window, window_start = [], time.perf_counter()
 
   pending = None
+  preemption = PreemptionWatcher()
+  preempted_at = None
   try:
     for step in range(int(state.step), t.steps):
       host = next(batches)
@@ -186,16 +205,27 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
       state, metrics = step_fn(state, sharding.shard_batch(host, batch_sh), rng)
       if pending:
         consume(*pending)
-      checkpointer.save(step + 1, state, last=step + 1 == t.steps)
-      if evaluate and t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-        writer.write(step + 1, evaluate(step + 1, state.params), section="eval")
       pending = (step, metrics, tokens)
+      done = step + 1
+      eval_metrics = None
+      if evaluate and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+        eval_metrics = evaluate(done, state.params)
+        writer.write(done, eval_metrics, section="eval")
+      stop = preemption.should_stop(done)
+      checkpointer.save(done, state, data_state=getattr(batches, "get_state", lambda: None)(), config=config,
+                        metrics=eval_metrics, last=done == t.steps or stop)
+      if stop:
+        preempted_at = done
+        break
     if pending:
       consume(*pending)
   finally:
+    preemption.close()
     bar.close()
     writer.close()
-  return summarize(writer.history)
+  if preempted_at is not None:
+    logging.warning("Preempted: saved the checkpoint of step %d; run the same command to resume", preempted_at)
+  return dict(summarize(writer.history), preempted_at=preempted_at)
 
 
 def summarize(history: list[dict]) -> dict:

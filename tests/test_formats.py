@@ -125,6 +125,18 @@ def test_pid_missing_from_collection(tmp_path):
                 lambda p: list(formats.read_training_lines(p, collection_ids={"1", "2"})))
 
 
+def test_qid_missing_from_queries(tmp_path):
+  path = _write_bytes(tmp_path / "train.jsonl", b"[9, [1, 0.5, []]]\n\n[8, [1, 0.5, []]]\n")
+  _expect_error(path, 3, "qid '8' is not in the queries",
+                lambda p: list(formats.read_training_lines(p, query_ids={"9"})))
+
+
+def test_training_lines_with_line_numbers(tmp_path):
+  path = _write_bytes(tmp_path / "train.jsonl", b"\n[1, 5]\n[2, oops]\n[3, 6]\n")
+  lines = list(formats.iter_training_lines(path, skip_bad_lines=True))
+  assert [(n, ex.qid, ex.pids) for n, ex in lines] == [(2, "1", ("5",)), (4, "3", ("6",))]
+
+
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_empty_training_file(tmp_path, suffix):
   path = _write_bytes(tmp_path / f"train.jsonl{suffix}", b"")
@@ -236,6 +248,36 @@ def test_collection_titles_and_line_endings(tmp_path):
   assert formats.read_collection(path) == {"1": "Title | text one", "2": "text two", "3": "text\rthree"}
 
 
+@pytest.mark.parametrize("header", [b"id\ttext\n", b"\nid\ttext\ttitle\n"])
+def test_collection_header_row(tmp_path, header):
+  path = _write_bytes(tmp_path / "collection.tsv", header + b"0\tfirst\n1\tsecond\tT\n")
+  assert formats.read_collection(path) == {"0": "first", "1": "T | second"}
+  assert list(formats.iter_collection(path)) == [(header.count(b"\n") + 1, "0", "first"),
+                                                 (header.count(b"\n") + 2, "1", "T | second")]
+
+
+def test_collection_of_only_a_header(tmp_path):
+  path = _write_bytes(tmp_path / "collection.tsv", b"id\ttext\ttitle\n")
+  _expect_error(path, 1, "no pids (only a header)", formats.read_collection)
+  _expect_error(path, 1, "only a header", lambda p: list(formats.iter_collection(p)))
+
+
+def test_header_only_on_the_first_line(tmp_path):
+  path = _write_bytes(tmp_path / "collection.tsv", b"0\tfirst\nid\ttext\n")
+  assert formats.read_collection(path) == {"0": "first", "id": "text"}
+
+
+def test_streamed_collection_and_queries(tmp_path):
+  collection = _write_bytes(tmp_path / "collection.tsv.gz", b"5\tfive\n\n5\tagain\nbad\n7\tseven\n")
+  skipped = []
+  rows = list(formats.iter_collection(collection, skip_bad_lines=True, on_skip=skipped.append))
+  assert rows == [(1, "5", "five"), (3, "5", "again"), (5, "7", "seven")]  # duplicates are the caller's
+  assert [e.line for e in skipped] == [4]
+  _expect_error(collection, 4, "found 1", lambda p: list(formats.iter_collection(p)))
+  queries = _write_bytes(tmp_path / "queries.tsv", b"q1\twhat\nq2\twhy\n")
+  assert list(formats.iter_queries(queries)) == [(1, "q1", "what"), (2, "q2", "why")]
+
+
 @pytest.mark.parametrize("content, line, reason", [
     (b"1\ta\n2\n", 2, "expected 2 or 3 tab-separated columns (pid, text[, title]), found 1"),
     (b"1\ta\n2\tb\tc\td\n", 2, "found 4"),
@@ -298,6 +340,22 @@ def test_beir_corpus_and_queries(tmp_path, suffix):
   assert formats.read_beir_queries(queries) == {"0": "0-dimensional biomaterials."}
 
 
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_beir_writers_round_trip(tmp_path, suffix):
+  corpus = tmp_path / f"corpus.jsonl{suffix}"
+  formats.write_beir_corpus(corpus, {"4983": {"title": "Micro", "text": "Alterations."},
+                                     "12": {"text": "No title, caf\u00e9."}})
+  assert _read_bytes(corpus) == (b'{"_id": "4983", "title": "Micro", "text": "Alterations."}\n'
+                                 b'{"_id": "12", "title": "", "text": "No title, caf\\u00e9."}\n')
+  assert formats.read_beir_corpus(corpus) == {"4983": "Micro | Alterations.", "12": "No title, caf\u00e9."}
+  queries = tmp_path / f"queries.jsonl{suffix}"
+  formats.write_beir_queries(queries, {"0": "what?", "q1": "why\tnot"})
+  assert formats.read_beir_queries(queries) == {"0": "what?", "q1": "why\tnot"}
+  with pytest.raises(ValueError, match="document 'x' has no 'text'"):
+    formats.write_beir_corpus(tmp_path / "bad.jsonl", {"x": {"title": "t"}})
+  assert not (tmp_path / "bad.jsonl").exists()
+
+
 @pytest.mark.parametrize("content, line, reason", [
     (b'{"_id": "1", "text": "a"}\n{"text": "b"}\n', 2, "missing field '_id'"),
     (b'{"_id": "1", "text": "a"}\n{"_id": "2", "text": 5}\n', 2, "field 'text' must be a string"),
@@ -319,6 +377,15 @@ def test_qrels_round_trip(tmp_path, suffix):
   path = tmp_path / f"qrels.txt{suffix}"
   formats.write_qrels(path, qrels)
   assert _read_bytes(path) == b"1 0 31715818 1\n1 0 7 0\nq2 0 d9 2\n"
+  assert formats.read_qrels(path) == qrels
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_beir_qrels_round_trip(tmp_path, suffix):
+  qrels = {"1": {"31715818": 1, "7": 0}, "q2": {"d9": 2}}
+  path = tmp_path / f"test.tsv{suffix}"
+  formats.write_qrels(path, qrels, beir=True)
+  assert _read_bytes(path) == b"query-id\tcorpus-id\tscore\n1\t31715818\t1\n1\t7\t0\nq2\td9\t2\n"
   assert formats.read_qrels(path) == qrels
 
 

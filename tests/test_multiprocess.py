@@ -15,6 +15,7 @@ from pairdistill_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/colbert.py:demo", "--config.train.steps=12", "--config.train.checkpoint_every=6",
+        "--config.optim.warmup_steps=2",
         "--config.train.log_every=1"]
 
 

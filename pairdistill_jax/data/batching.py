@@ -1,65 +1,74 @@
-"""Training examples -> fixed-shape numpy batches (tokenised queries and passages, teacher targets).
+"""The batch layout: training examples -> fixed-shape numpy arrays (tokenised text, teacher targets).
 
-`make_batch` is the one place a batch's layout is defined; `iterate_batches` is a simple deterministic
-in-memory loader over it (shuffled by seed and epoch).
+A batch of B queries, each with `nway` passage slots and `max_pairs` pair slots, holds
+  q_ids, q_mask                        [B, Lq]        int32
+  d_ids, d_mask (+ d_score_mask, ColBERT)  [B, nway, Ld]  int32
+  teacher, passage_mask                [B, nway]      float32, bool
+  pair_i, pair_j, pair_logp, pair_mask [B, max_pairs] int32, int32, float32, bool
+A line's passages beyond `nway` are dropped, and so are the pairs that reference them; a line with fewer
+passages has `passage_mask` False in the remaining slots, which hold the encoding of the empty text; the
+first `max_pairs` remaining pairs are kept. `pack_targets` computes the teacher arrays and
+`assemble_batch` joins them with tokenised queries and passages; `make_batch` tokenises text on the fly,
+while `data.pipeline` fills the same layout from the pre-tokenised store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from pairdistill_jax.data.formats import TrainingExample
+from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer
+
+TARGET_KEYS = ("teacher", "passage_mask", "pair_i", "pair_j", "pair_logp", "pair_mask")
 
 
-def make_batch(examples: Sequence[TrainingExample], collection: Mapping[str, str],
-               queries: Mapping[str, str], tokenizer, *, nway: int, max_pairs: int) -> dict[str, np.ndarray]:
-  """Tokenises `examples` into arrays with leading dimension B = len(examples).
+def _kept_pairs(example: TrainingExample, count: int, max_pairs: int) -> list[tuple[int, int, float]]:
+  return [(i, j, logp) for i, j, logp in example.pairs if i < count and j < count][:max_pairs]
 
-  Keys: q_ids/q_mask [B,Lq]; d_ids/d_mask (and d_score_mask for ColBERT) [B,nway,Ld]; teacher [B,nway];
-  passage_mask [B,nway] (False where a line has fewer than nway passages); pair_i/pair_j/pair_logp/pair_mask
-  [B,max_pairs] (the first max_pairs pairs whose both passages are among the first nway).
-  """
+
+def pack_targets(examples: Sequence[TrainingExample], *, nway: int, max_pairs: int) -> dict[str, np.ndarray]:
+  """The teacher arrays of `examples` (keys TARGET_KEYS); passage slot k holds `example.pids[k]`."""
   batch = len(examples)
-  teacher = np.zeros((batch, nway), np.float32)
-  passage_mask = np.zeros((batch, nway), bool)
-  pair_i = np.zeros((batch, max_pairs), np.int32)
-  pair_j = np.zeros((batch, max_pairs), np.int32)
-  pair_logp = np.zeros((batch, max_pairs), np.float32)
-  pair_mask = np.zeros((batch, max_pairs), bool)
-  texts = []
+  teacher_BxN = np.zeros((batch, nway), np.float32)
+  passage_mask_BxN = np.zeros((batch, nway), bool)
+  pair_i_BxP = np.zeros((batch, max_pairs), np.int32)
+  pair_j_BxP = np.zeros((batch, max_pairs), np.int32)
+  pair_logp_BxP = np.zeros((batch, max_pairs), np.float32)
+  pair_mask_BxP = np.zeros((batch, max_pairs), bool)
   for b, ex in enumerate(examples):
     if ex.scores is None:
       raise ValueError(f"training line for query {ex.qid} has no pointwise teacher scores; "
                        "distillation needs [qid, [pid, score, ...], ...] lines")
     count = min(nway, len(ex.pids))
-    teacher[b, :count] = ex.scores[:count]
-    passage_mask[b, :count] = True
-    texts.extend(collection[pid] for pid in ex.pids[:count])
-    texts.extend([""] * (nway - count))
-    kept = [(i, j, logp) for i, j, logp in ex.pairs if i < count and j < count][:max_pairs]
-    for p, (i, j, logp) in enumerate(kept):
-      pair_i[b, p], pair_j[b, p], pair_logp[b, p], pair_mask[b, p] = i, j, logp, True
-  q = tokenizer.encode_queries([queries[ex.qid] for ex in examples])
-  d = tokenizer.encode_docs(texts)
-  out = {"q_ids": q["ids"], "q_mask": q["mask"]}
-  out.update({f"d_{k}": v.reshape(batch, nway, -1) for k, v in d.items()})
-  out.update(teacher=teacher, passage_mask=passage_mask, pair_i=pair_i, pair_j=pair_j, pair_logp=pair_logp,
-             pair_mask=pair_mask)
+    teacher_BxN[b, :count] = ex.scores[:count]
+    passage_mask_BxN[b, :count] = True
+    for p, (i, j, logp) in enumerate(_kept_pairs(ex, count, max_pairs)):
+      pair_i_BxP[b, p], pair_j_BxP[b, p], pair_logp_BxP[b, p], pair_mask_BxP[b, p] = i, j, logp, True
+  return dict(zip(TARGET_KEYS, (teacher_BxN, passage_mask_BxN, pair_i_BxP, pair_j_BxP, pair_logp_BxP,
+                                pair_mask_BxP)))
+
+
+def assemble_batch(queries: Mapping[str, np.ndarray], docs: Mapping[str, np.ndarray],
+                   targets: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The batch from tokenised queries ({'ids', 'mask'}, one row per query), passages ({'ids', 'mask'
+  [, 'score_mask']}, nway rows per query, query-major) and `pack_targets` arrays."""
+  batch, nway = targets["teacher"].shape
+  out = {"q_ids": queries["ids"], "q_mask": queries["mask"]}
+  out.update({f"d_{k}": v.reshape(batch, nway, -1) for k, v in docs.items()})
+  out.update({k: targets[k] for k in TARGET_KEYS})
   return out
 
 
-def iterate_batches(examples: Sequence[TrainingExample], batch_size: int, *, seed: int,
-                    start_step: int = 0) -> Iterator[list[TrainingExample]]:
-  """Endless batches of examples: each epoch a fresh permutation seeded by (seed, epoch); the last
-  incomplete batch of an epoch is dropped. `start_step` skips that many batches."""
-  per_epoch = len(examples) // batch_size
-  if per_epoch == 0:
-    raise ValueError(f"{len(examples)} training examples are fewer than one batch of {batch_size}")
-  step = start_step
-  while True:
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
-    yield [examples[i] for i in order[index * batch_size:(index + 1) * batch_size]]
-    step += 1
+def make_batch(examples: Sequence[TrainingExample], collection: Mapping[str, str],
+               queries: Mapping[str, str], tokenizer: ColBERTTokenizer | DPRTokenizer, *, nway: int,
+               max_pairs: int) -> dict[str, np.ndarray]:
+  """Tokenises `examples` (B = len(examples)) into the batch layout of the module docstring."""
+  targets = pack_targets(examples, nway=nway, max_pairs=max_pairs)
+  texts = []
+  for ex in examples:
+    kept = [collection[pid] for pid in ex.pids[:nway]]
+    texts.extend(kept + [""] * (nway - len(kept)))
+  return assemble_batch(tokenizer.encode_queries([queries[ex.qid] for ex in examples]),
+                        tokenizer.encode_docs(texts), targets)

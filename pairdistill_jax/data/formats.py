@@ -31,6 +31,7 @@ _log = logging.getLogger(__name__)
 _MAX_WARNINGS = 5
 _CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
 _BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
+_COLLECTION_HEADERS = (["id", "text"], ["id", "text", "title"])
 
 
 class FormatError(ValueError):
@@ -97,9 +98,19 @@ class _BadLines:
       raise FormatError(self.path, self.last_line, f"no valid lines (all {self.count} lines were bad)")
 
 
-def _read_records(path: PathLike, parse: Callable[[str], Any], bad: _BadLines) -> Iterator[tuple[int, Any]]:
-  """Yields (line number, parse(line)); `parse` raises ValueError with the reason for a bad line."""
-  for number, line in _iter_lines(path):
+def _read_records(
+    path: PathLike,
+    parse: Callable[[str], Any],
+    bad: _BadLines,
+    is_header: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[int, Any]]:
+  """Yields (line number, parse(line)); `parse` raises ValueError with the reason for a bad line.
+
+  With `is_header`, a first line for which it is true is skipped.
+  """
+  for index, (number, line) in enumerate(_iter_lines(path)):
+    if index == 0 and is_header is not None and is_header(line):
+      continue
     try:
       record = parse(line)
     except ValueError as e:
@@ -115,16 +126,20 @@ def _read_mapping(
     what: str,
     skip_bad_lines: bool = False,
     on_skip: SkipCallback | None = None,
+    is_header: Callable[[str], bool] | None = None,
 ) -> dict[str, str]:
   """Builds {id: value} from (id, value) records, rejecting duplicate ids."""
   bad = _BadLines(path, skip_bad_lines, on_skip)
   out: dict[str, str] = {}
-  for number, (key, value) in _read_records(path, parse, bad):
+  number = 1
+  for number, (key, value) in _read_records(path, parse, bad, is_header):
     if key in out:
       bad.handle(FormatError(path, number, f"duplicate {what} {key!r}"))
       continue
     out[key] = value
   bad.finish(len(out))
+  if not out:
+    raise FormatError(path, number, f"no {what}s (only a header)")
   return out
 
 
@@ -267,9 +282,13 @@ def _parse_training_line(line: str) -> TrainingExample:
   )
 
 
-def _training_line_parser(collection_ids: Container[str] | None) -> Callable[[str], TrainingExample]:
+def _training_line_parser(
+    collection_ids: Container[str] | None, query_ids: Container[str] | None
+) -> Callable[[str], TrainingExample]:
   def parse(line: str) -> TrainingExample:
     example = _parse_training_line(line)
+    if query_ids is not None and example.qid not in query_ids:
+      raise ValueError(f"qid {example.qid!r} is not in the queries")
     if collection_ids is not None:
       for pid in example.pids:
         if pid not in collection_ids:
@@ -279,24 +298,40 @@ def _training_line_parser(collection_ids: Container[str] | None) -> Callable[[st
   return parse
 
 
+def iter_training_lines(
+    path: PathLike,
+    *,
+    skip_bad_lines: bool = False,
+    collection_ids: Container[str] | None = None,
+    query_ids: Container[str] | None = None,
+    on_skip: SkipCallback | None = None,
+) -> Iterator[tuple[int, TrainingExample]]:
+  """Streams (line number, example) of training lines; see `read_training_lines`."""
+  bad = _BadLines(path, skip_bad_lines, on_skip)
+  n_good = 0
+  for number, example in _read_records(path, _training_line_parser(collection_ids, query_ids), bad):
+    n_good += 1
+    yield number, example
+  bad.finish(n_good)
+
+
 def read_training_lines(
     path: PathLike,
     *,
     skip_bad_lines: bool = False,
     collection_ids: Container[str] | None = None,
+    query_ids: Container[str] | None = None,
     on_skip: SkipCallback | None = None,
 ) -> Iterator[TrainingExample]:
   """Streams training lines: PairDistill, ColBERTv2 `[qid, [pid, score], …]` or `[qid, pid, …]`.
 
-  With `collection_ids`, every pid must be in it. With `skip_bad_lines`, bad lines are skipped and
-  reported to `on_skip` (e.g. `errors.append`); the count is logged when the file ends.
+  With `collection_ids`, every pid must be in it; with `query_ids`, every qid. With `skip_bad_lines`, bad
+  lines are skipped and reported to `on_skip` (e.g. `errors.append`); the count is logged when the file
+  ends.
   """
-  bad = _BadLines(path, skip_bad_lines, on_skip)
-  n_good = 0
-  for _, example in _read_records(path, _training_line_parser(collection_ids), bad):
-    n_good += 1
-    yield example
-  bad.finish(n_good)
+  lines = iter_training_lines(path, skip_bad_lines=skip_bad_lines, collection_ids=collection_ids,
+                              query_ids=query_ids, on_skip=on_skip)
+  return (example for _, example in lines)
 
 
 def _id_to_json(value: str) -> str | int:
@@ -361,13 +396,56 @@ def _parse_query_line(line: str) -> tuple[str, str]:
   return columns[0], columns[1]
 
 
+def _is_collection_header(line: str) -> bool:
+  return line.split("\t") in _COLLECTION_HEADERS
+
+
 def read_collection(
     path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
 ) -> dict[str, str]:
-  """collection.tsv (`pid \\t text [\\t title]`) -> {pid: text, or 'title | text' with a title}."""
+  """collection.tsv (`pid \\t text [\\t title]`) -> {pid: text, or 'title | text' with a title}.
+
+  A first line `id \\t text [\\t title]` is a header row and skipped (as stanford ColBERT does).
+  """
   return _read_mapping(
-      path, _parse_collection_line, what="pid", skip_bad_lines=skip_bad_lines, on_skip=on_skip
+      path, _parse_collection_line, what="pid", skip_bad_lines=skip_bad_lines, on_skip=on_skip,
+      is_header=_is_collection_header,
   )
+
+
+def _iter_id_text(
+    path: PathLike,
+    parse: Callable[[str], tuple[str, str]],
+    skip_bad_lines: bool,
+    on_skip: SkipCallback | None,
+    is_header: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[int, str, str]]:
+  """Yields (line number, id, text) records without collecting them."""
+  bad = _BadLines(path, skip_bad_lines, on_skip)
+  n_good = 0
+  for number, (key, text) in _read_records(path, parse, bad, is_header):
+    n_good += 1
+    yield number, key, text
+  bad.finish(n_good)
+  if not n_good:
+    raise FormatError(path, 1, "no records (only a header)")
+
+
+def iter_collection(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+) -> Iterator[tuple[int, str, str]]:
+  """Streams collection.tsv as (line number, pid, text) without holding it in memory.
+
+  Like `read_collection`, but duplicate pids are not detected here: the caller owns that check.
+  """
+  return _iter_id_text(path, _parse_collection_line, skip_bad_lines, on_skip, _is_collection_header)
+
+
+def iter_queries(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+) -> Iterator[tuple[int, str, str]]:
+  """Streams queries.tsv as (line number, qid, query); duplicate qids are the caller's to detect."""
+  return _iter_id_text(path, _parse_query_line, skip_bad_lines, on_skip)
 
 
 def read_queries(
@@ -439,6 +517,22 @@ def read_beir_queries(path: PathLike) -> dict[str, str]:
   return _read_mapping(path, _parse_beir_query, what="query id")
 
 
+def write_beir_corpus(path: PathLike, docs: Mapping[str, Mapping[str, str]]) -> None:
+  """Writes BEIR corpus.jsonl lines `{"_id", "title", "text"}` from {id: {"title": ..., "text": ...}}."""
+  with atomic_write(path) as f:
+    for doc_id, doc in docs.items():
+      if "text" not in doc:
+        raise ValueError(f"document {doc_id!r} has no 'text'")
+      f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""), "text": doc["text"]}) + "\n")
+
+
+def write_beir_queries(path: PathLike, queries: Mapping[str, str]) -> None:
+  """Writes BEIR queries.jsonl lines `{"_id", "text"}`."""
+  with atomic_write(path) as f:
+    for qid, text in queries.items():
+      f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+
+
 # ------------------------------------------------------------------------------------- qrels, runs
 
 
@@ -496,13 +590,16 @@ def _trec_field(value: str, what: str) -> str:
   return value
 
 
-def write_qrels(path: PathLike, qrels: Mapping[str, Mapping[str, int]]) -> None:
-  """Writes TREC qrels lines `qid 0 docid rel`."""
+def write_qrels(path: PathLike, qrels: Mapping[str, Mapping[str, int]], *, beir: bool = False) -> None:
+  """Writes TREC qrels lines `qid 0 docid rel`, or (beir) the BEIR header and `qid \\t docid \\t rel` rows."""
   with atomic_write(path) as f:
+    if beir:
+      f.write("\t".join(_BEIR_QRELS_HEADER) + "\n")
     for qid, judged in qrels.items():
       _trec_field(qid, "query id")
       for docid, rel in judged.items():
-        f.write(f"{qid} 0 {_trec_field(docid, 'document id')} {int(rel)}\n")
+        _trec_field(docid, "document id")
+        f.write(f"{qid}\t{docid}\t{int(rel)}\n" if beir else f"{qid} 0 {docid} {int(rel)}\n")
 
 
 def _parse_run_line(line: str) -> tuple[str, str, float]:

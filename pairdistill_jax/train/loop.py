@@ -12,7 +12,7 @@ import json
 import logging
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,7 +23,7 @@ import tqdm
 
 from pairdistill_jax import checkpoint, distributed, sharding
 from pairdistill_jax.convert.students import import_student, init_source, tokenizer_dir
-from pairdistill_jax.data import batching, demo, formats
+from pairdistill_jax.data import demo, pipeline
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
@@ -67,19 +67,12 @@ def make_tokenizer(config: ml_collections.ConfigDict, directory: str):
 
 
 def host_batches(config: ml_collections.ConfigDict, paths: DataPaths, tokenizer,
-                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """This process's share of each global batch, as numpy arrays (see data.batching.make_batch)."""
-  d = config.data
-  collection = formats.read_collection(paths.collection)
-  queries = formats.read_queries(paths.queries)
-  examples = list(formats.read_training_lines(paths.train, collection_ids=collection,
-                                              skip_bad_lines=d.skip_bad_lines))
-  processes, index = jax.process_count(), jax.process_index()
-  logging.info("Training data: %d lines from %s (%d passages, %d queries)", len(examples), paths.train,
-               len(collection), len(queries))
-  for chunk in batching.iterate_batches(examples[index::processes], config.train.batch_size // processes,
-                                        seed=config.train.seed, start_step=start_step):
-    yield batching.make_batch(chunk, collection, queries, tokenizer, nway=d.nway, max_pairs=d.max_pairs)
+                 start_step: int = 0) -> pipeline.TrainIterator:
+  """This process's share of each global batch, as numpy arrays, from `start_step` on (data.pipeline).
+
+  The returned iterator's `get_state`/`set_state` are what checkpoints save and restore.
+  """
+  return pipeline.train_iterator(config, paths, tokenizer, start_step=start_step)
 
 
 class MetricsWriter:
@@ -143,7 +136,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       step_fn = make_train_step(model, tx, config, mesh, shardings)
       batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
       batches = host_batches(config, paths, tokenizer, start_step=int(state.step))
-      return _run(config, workdir, state, step_fn, batches, batch_sh, step_rng, checkpointer, evaluate)
+      if data_state is not None:
+        batches.set_state(data_state)  # checks the data and its order are those the checkpoint saw
+      try:
+        return _run(config, workdir, state, step_fn, batches, batch_sh, step_rng, checkpointer, evaluate)
+      finally:
+        batches.close()
   finally:
     checkpointer.close()
 
@@ -212,8 +210,8 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
         eval_metrics = evaluate(done, state.params)
         writer.write(done, eval_metrics, section="eval")
       stop = preemption.should_stop(done)
-      checkpointer.save(done, state, data_state=getattr(batches, "get_state", lambda: None)(), config=config,
-                        metrics=eval_metrics, last=done == t.steps or stop)
+      checkpointer.save(done, state, data_state=batches.get_state(), config=config, metrics=eval_metrics,
+                        last=done == t.steps or stop)
       if stop:
         preempted_at = done
         break

@@ -1,0 +1,346 @@
+"""The training input pipeline: grain datasets of fixed-shape batches read from the pre-tokenised stores.
+
+  training lines --compile_training_set--> TrainingSet: store rows + teacher targets, memory-mapped, cached
+  global step k --example_indices--> this process's part of global batch k (shuffled by seed and epoch)
+                --BatchAssembler--> numpy arrays in the data.batching layout, gathered from the stores
+                --TrainIterator--> background threads assemble `prefetch` batches ahead (grain)
+
+Global batch k is the k-th block of `batch_size` examples of epoch k // (N // batch_size)'s permutation
+(the last incomplete block of each epoch is dropped); it does not depend on the number of processes.
+Process p of P takes rows [p·B/P, (p+1)·B/P) of it, which is the part of the global array its devices hold
+when `sharding.shard_batch` assembles it with `jax.make_array_from_process_local_data`. So the processes read
+disjoint examples that together cover the epoch. The iterator's state is the global step (JSON), saved
+with checkpoints: restoring it gives exactly the batches an uninterrupted run would have seen.
+
+`data.same_order_on_every_shard` (off by default) reproduces the data order of the original training code,
+whose loader ignored the data-parallel rank (stanford ColBERT's `Examples.tolist(rank, nranks)` kept lines
+0, D, 2D, … on every rank, fixed upstream in 2025): each of the D data-parallel shards reads the same B/D
+examples, drawn from lines 0, D, 2D, …; with `data.shuffle=False` they come in file order, as there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from pairdistill_jax import config_lib, sharding
+from pairdistill_jax.data import batching, formats, store
+from pairdistill_jax.data.formats import TrainingExample
+from pairdistill_jax.data.tokenization import ColBERTTokenizer
+
+PathLike = str | os.PathLike[str]
+
+
+class DataPaths(Protocol):
+  """Where the training files are (train.loop.DataPaths)."""
+
+  train: str
+  collection: str
+  queries: str
+
+
+COMPILE_FORMAT_VERSION = 1
+DEFAULT_STORE_DIR = "pairdistill_store"  # beside the collection when data.store_dir is empty
+_MAX_WARNINGS = 5
+
+_log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ training set
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSet:
+  """Training lines compiled against the stores (memory-mapped, one row per line).
+
+  `query_row` [N] and `passage_row` [N, nway] are rows of the query and passage stores (padding slots
+  point at the passage store's `pad_row`); `targets` are the `batching.pack_targets` arrays.
+  """
+
+  query_row: np.ndarray
+  passage_row: np.ndarray
+  targets: dict[str, np.ndarray]
+  digest: str
+
+  def __len__(self) -> int:
+    return len(self.query_row)
+
+
+class _Skipped:
+  """Raises the compile's bad-line errors, or (skip_bad_lines) logs and reports them."""
+
+  def __init__(self, skip: bool, on_skip: formats.SkipCallback | None):
+    self.skip, self.on_skip, self.count = skip, on_skip, 0
+
+  def handle(self, error: formats.FormatError) -> None:
+    if not self.skip:
+      raise error
+    self.count += 1
+    if self.count <= _MAX_WARNINGS:
+      _log.warning("skipping bad line: %s", error)
+    if self.on_skip is not None:
+      self.on_skip(error)
+
+
+def _resolve_chunk(path: PathLike, numbers: Sequence[int], examples: Sequence[TrainingExample],
+                   docs: store.TokenStore, queries: store.TokenStore,
+                   skipped: _Skipped) -> list[tuple[TrainingExample, int, np.ndarray]]:
+  """(example, query row, passage rows) of the examples whose qid and pids are all in the stores."""
+  query_rows = queries.index.find([ex.qid for ex in examples])
+  passage_rows = docs.index.find([pid for ex in examples for pid in ex.pids])
+  starts = np.cumsum([0] + [len(ex.pids) for ex in examples])
+  resolved = []
+  for k, (number, ex) in enumerate(zip(numbers, examples)):
+    rows = passage_rows[starts[k]:starts[k + 1]]
+    if query_rows[k] < 0:
+      skipped.handle(formats.FormatError(path, number, f"qid {ex.qid!r} is not in the queries"))
+    elif (rows < 0).any():
+      missing = ex.pids[int(np.argmax(rows < 0))]
+      skipped.handle(formats.FormatError(path, number, f"pid {missing!r} is not in the collection"))
+    else:
+      resolved.append((ex, int(query_rows[k]), rows))
+  return resolved
+
+
+def _compile(tmp: pathlib.Path, path: PathLike, docs: store.TokenStore, queries: store.TokenStore,
+             settings: dict[str, Any], *, skip_bad_lines: bool, on_skip: formats.SkipCallback | None,
+             progress: bool, chunk_size: int) -> dict[str, Any]:
+  """Writes the TrainingSet arrays of training file `path` into `tmp`; returns their meta."""
+  nway, max_pairs = settings["nway"], settings["max_pairs"]
+  identity = store.file_identity(path)
+  lines = formats.iter_training_lines(path, skip_bad_lines=skip_bad_lines, on_skip=on_skip)
+  skipped = _Skipped(skip_bad_lines, on_skip)
+  writer = store.ArrayWriter(tmp)
+  number = 1
+  try:
+    with tqdm.tqdm(desc=f"compiling {pathlib.Path(path).name}", unit="line", disable=not progress,
+                   dynamic_ncols=True) as bar:
+      while chunk := list(itertools.islice(lines, chunk_size)):
+        numbers, examples = zip(*chunk)
+        number = numbers[-1]
+        resolved = _resolve_chunk(path, numbers, examples, docs, queries, skipped)
+        bar.update(len(chunk))
+        if not resolved:
+          continue
+        targets = batching.pack_targets([ex for ex, _, _ in resolved], nway=nway, max_pairs=max_pairs)
+        passage_row_CxN = np.full((len(resolved), nway), docs.pad_row, np.int64)
+        for c, (ex, _, rows) in enumerate(resolved):
+          passage_row_CxN[c, :min(nway, len(rows))] = rows[:nway]
+        writer.append(query_row=np.array([q for _, q, _ in resolved], np.int64),
+                      passage_row=passage_row_CxN, **targets)
+    arrays = writer.finish()
+  finally:
+    writer.close()
+  if skipped.count:
+    _log.warning("skipped %d training lines of %s with ids missing from the stores", skipped.count, path)
+  if "query_row" not in arrays:
+    raise formats.FormatError(path, number, f"no usable training lines (all {skipped.count} reference ids "
+                              "missing from the collection or queries)")
+  return {"settings": settings, "source": identity, "arrays": arrays,
+          "digest": store.digest_of([settings, identity["sha256"]])}
+
+
+def compile_training_set(path: PathLike, docs: store.TokenStore, queries: store.TokenStore,
+                         store_dir: PathLike, *, nway: int, max_pairs: int, skip_bad_lines: bool = False,
+                         on_skip: formats.SkipCallback | None = None, progress: bool = True,
+                         chunk_size: int = 4096) -> TrainingSet:
+  """The training lines of `path` resolved against the stores, cached under `store_dir`.
+
+  Reused while the file, the stores and the settings are unchanged. A line whose qid or a pid is missing
+  from the stores is a FormatError naming its line (or, with `skip_bad_lines`, skipped and reported).
+  """
+  settings = {"format": COMPILE_FORMAT_VERSION, "nway": nway, "max_pairs": max_pairs,
+              "skip_bad_lines": skip_bad_lines, "docs": docs.digest, "queries": queries.digest}
+  target = pathlib.Path(store_dir) / f"{pathlib.Path(path).name}.nway{nway}.pairs{max_pairs}"
+
+  def is_current(meta: dict[str, Any]) -> bool:
+    return meta.get("settings") == settings and store.same_file(meta["source"], path)
+
+  build = functools.partial(_compile, path=path, docs=docs, queries=queries, settings=settings,
+                            skip_bad_lines=skip_bad_lines, on_skip=on_skip, progress=progress,
+                            chunk_size=chunk_size)
+  meta = store.ensure_built(target, is_current, build)
+  arrays = store.open_arrays(target, meta["arrays"])
+  return TrainingSet(arrays["query_row"], arrays["passage_row"], {k: arrays[k] for k in batching.TARGET_KEYS},
+                     meta["digest"])
+
+
+# ------------------------------------------------------------------------------------- the order
+
+
+def _grain_seed(seed: int) -> int:
+  """A well-mixed 32-bit seed (grain reshuffles epoch e with seed + e, so nearby seeds would overlap)."""
+  return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
+
+
+def _epoch_batches(ds: grain.MapDataset, batch_size: int, seed: int, shuffle: bool) -> grain.MapDataset:
+  """Endless batches of `ds`'s elements, reshuffled every epoch; each epoch's remainder dropped."""
+  if shuffle:
+    ds = ds.shuffle(seed=_grain_seed(seed))
+  return ds.batch(batch_size, drop_remainder=True, batch_fn=np.asarray).repeat()
+
+
+def _rows_of_process(indices_B: np.ndarray, start: int, stop: int) -> np.ndarray:
+  return indices_B[start:stop]
+
+
+def _copies_per_process(indices_S: np.ndarray, copies: int) -> np.ndarray:
+  return np.tile(indices_S, copies)
+
+
+def example_indices(num_examples: int, *, batch_size: int, seed: int, shuffle: bool = True,
+                    process_index: int = 0, process_count: int = 1, same_order_on_every_shard: bool = False,
+                    num_shards: int = 1) -> grain.MapDataset:
+  """Global step -> this process's example indices (an endless grain MapDataset; see the module docstring).
+
+  With `same_order_on_every_shard`, the process's `num_shards / process_count` shards each get the same
+  `batch_size / num_shards` examples, drawn from examples 0, num_shards, 2·num_shards, ….
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+  if batch_size % process_count:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
+  if same_order_on_every_shard:
+    if batch_size % num_shards or num_shards % process_count:
+      raise ValueError(f"data.same_order_on_every_shard needs train.batch_size={batch_size} divisible by the "
+                       f"{num_shards} data-parallel shards, and those by the {process_count} processes")
+    subset = grain.MapDataset.range(0, num_examples, num_shards)
+    _check_enough(len(subset), batch_size // num_shards)
+    shard_batches = _epoch_batches(subset, batch_size // num_shards, seed, shuffle)
+    return shard_batches.map(functools.partial(_copies_per_process, copies=num_shards // process_count))
+  _check_enough(num_examples, batch_size)
+  local = batch_size // process_count
+  return _epoch_batches(grain.MapDataset.range(num_examples), batch_size, seed, shuffle).map(
+      functools.partial(_rows_of_process, start=process_index * local, stop=(process_index + 1) * local))
+
+
+def _check_enough(available: int, needed: int) -> None:
+  if available < needed:
+    raise ValueError(f"{available} training examples are fewer than one batch of {needed}; lower "
+                     "train.batch_size or add training lines")
+
+
+# ----------------------------------------------------------------------------------- the batches
+
+
+def _skip_table(tokenizer: store.Tokenizer) -> np.ndarray | None:
+  """For ColBERT: a vocabulary-sized table of the token ids excluded from MaxSim; None otherwise."""
+  if not isinstance(tokenizer, ColBERTTokenizer):
+    return None
+  table = np.zeros(len(tokenizer.tokenizer), bool)
+  if tokenizer.mask_punctuation:
+    table[sorted(tokenizer.skiplist_ids)] = True
+  return table
+
+
+class BatchAssembler:
+  """Example indices -> a batch in the `data.batching` layout, gathered from the stores."""
+
+  def __init__(self, training_set: TrainingSet, docs: store.TokenStore, queries: store.TokenStore,
+               tokenizer: store.Tokenizer):
+    self._set, self._docs, self._queries = training_set, docs, queries
+    self._skip = _skip_table(tokenizer)
+
+  def __call__(self, indices_B: np.ndarray) -> dict[str, np.ndarray]:
+    queries = self._queries.gather(self._set.query_row[indices_B])
+    docs = self._docs.gather(self._set.passage_row[indices_B].reshape(-1))
+    if self._skip is not None:
+      docs["score_mask"] = docs["mask"] * ~self._skip[docs["ids"]]
+    targets = {k: np.asarray(v[indices_B]) for k, v in self._set.targets.items()}
+    return batching.assemble_batch(queries, docs, targets)
+
+
+class TrainIterator:
+  """Endless host-local training batches, prefetched in background threads, with a JSON state.
+
+  `get_state()` after k batches, given to `set_state` of a fresh iterator over the same data and settings,
+  makes it continue with batch k exactly; a state from other data or settings is refused.
+  """
+
+  def __init__(self, batches: grain.MapDataset, spec: dict[str, Any], *, num_threads: int, prefetch: int,
+               start_step: int = 0):
+    self.spec = spec
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    self._iterator = batches.to_iter_dataset(options).__iter__()
+    if start_step:
+      self._iterator.set_state({"next_index": start_step})
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  @property
+  def step(self) -> int:
+    """The global step of the next batch."""
+    return self._iterator.get_state()["next_index"]
+
+  def get_state(self) -> dict[str, Any]:
+    return {"step": self.step, "spec": dict(self.spec)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    saved = state["spec"]
+    differing = sorted(k for k in self.spec.keys() | saved.keys() if self.spec.get(k) != saved.get(k))
+    if differing:
+      changes = ", ".join(f"{k}: saved {saved.get(k)!r}, now {self.spec.get(k)!r}" for k in differing)
+      raise ValueError(f"the data iterator state was saved for other data or settings ({changes}); resuming "
+                       "from it would not give the batches of the interrupted run. Restore the same training "
+                       "file, collection, queries and data/train settings")
+    self._iterator.set_state({"next_index": int(state["step"])})
+
+  def close(self) -> None:
+    self._iterator.close()
+
+
+def data_parallel_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """How many ways the mesh of `config` splits the batch (the mesh axes 'batch' maps to)."""
+  axes = config_lib.mesh_shape(config, num_devices)
+  mapped = dict(sharding.rules(config)).get("batch") or ()
+  names = (mapped,) if isinstance(mapped, str) else mapped
+  return int(np.prod([axes[name] for name in names]))
+
+
+def train_iterator(config: ml_collections.ConfigDict, paths: DataPaths, tokenizer: store.Tokenizer, *,
+                   start_step: int = 0, process_index: int | None = None, process_count: int | None = None,
+                   num_shards: int | None = None) -> TrainIterator:
+  """This process's batches of `config`'s training data.
+
+  Opens (building when needed) the passage and query stores and the compiled training lines under
+  `data.store_dir` (default: `pairdistill_store` beside the collection). Process index and count default
+  to JAX's, and `num_shards` (used by `data.same_order_on_every_shard`) to the mesh's batch shards.
+  """
+  d, t = config.data, config.train
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if d.same_order_on_every_shard and num_shards is None:
+    num_shards = data_parallel_shards(config, jax.device_count())
+  store_dir = d.store_dir or os.path.join(os.path.dirname(os.path.abspath(paths.collection)), DEFAULT_STORE_DIR)
+  progress = process_index == 0
+  opened = {field: store.open_store(source, store_dir, tokenizer, field, num_workers=d.tokenize_workers,
+                                    skip_bad_lines=d.skip_bad_lines, progress=progress)
+            for field, source in (("docs", paths.collection), ("queries", paths.queries))}
+  training_set = compile_training_set(paths.train, opened["docs"], opened["queries"], store_dir, nway=d.nway,
+                                      max_pairs=d.max_pairs, skip_bad_lines=d.skip_bad_lines, progress=progress)
+  same_order = bool(d.same_order_on_every_shard)
+  indices = example_indices(len(training_set), batch_size=t.batch_size, seed=t.seed, shuffle=d.shuffle,
+                            process_index=process_index, process_count=process_count,
+                            same_order_on_every_shard=same_order, num_shards=num_shards or 1)
+  spec = {"examples": training_set.digest, "batch_size": t.batch_size, "seed": t.seed, "shuffle": d.shuffle,
+          "same_order_on_every_shard": same_order, "num_shards": num_shards if same_order else None}
+  _log.info("Training data: %d lines of %s, %d passages, %d queries (stores in %s)", len(training_set),
+            paths.train, len(opened["docs"]), len(opened["queries"]), store_dir)
+  batches = indices.map(BatchAssembler(training_set, opened["docs"], opened["queries"], tokenizer))
+  return TrainIterator(batches, spec, num_threads=d.num_workers, prefetch=d.prefetch, start_step=start_step)

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
 
-.PHONY: demo demo-dpr test test-slow venv clean
+.PHONY: demo demo-dpr test test-slow eval-scifact check-colbert-libs venv clean
 
 venv: $(STAMP)
 
@@ -19,9 +19,13 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=$(WORKDIR)/colbert
+	$(PY) -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=$(WORKDIR)/colbert --mode=export
+	$(PY) -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=$(WORKDIR)/colbert --mode=evaluate
 
 demo-dpr: $(STAMP)
 	$(PY) -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=$(WORKDIR)/dpr
+	$(PY) -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=$(WORKDIR)/dpr --mode=export
+	$(PY) -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=$(WORKDIR)/dpr --mode=evaluate
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -29,5 +33,25 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
+# all-MiniLM-L6-v2 zero-shot on SciFact test (nDCG@10 about 0.648); prints the time taken.
+eval-scifact: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow -s tests/test_evaluate.py -k scifact
+
+# Loads the ColBERT export with PyLate and stanford colbert-ai, each in its own environment (they pin other
+# transformers versions); torch and the rest come from .venv through a .pth file.
+EXT := .venv-ext
+check-colbert-libs: $(STAMP)
+	for v in pylate colbert-ai; do $(PY) -m venv $(EXT)/$$v && \
+	  $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  $$($(EXT)/$$v/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_main_venv.pth; done
+	$(EXT)/pylate/bin/pip install -q --no-deps pylate==1.6.0 sentence-transformers==5.3.0 transformers==5.3.0 \
+	  tokenizers==0.22.2 "huggingface-hub>=1.3,<2" ujson
+	$(EXT)/pylate/bin/pip install -q httpx datasets
+	$(EXT)/colbert-ai/bin/pip install -q --no-deps colbert-ai==0.2.22 transformers==4.57.1 tokenizers==0.22.2 \
+	  huggingface-hub==0.36.0 ujson bitarray ninja
+	$(EXT)/colbert-ai/bin/pip install -q gitpython python-dotenv requests
+	PYLATE_PYTHON=$(EXT)/pylate/bin/python COLBERT_AI_PYTHON=$(EXT)/colbert-ai/bin/python \
+	  $(PY) -m pytest -q -p no:cacheprovider -m slow tests/test_export.py
+
 clean:
-	rm -rf $(VENV) workdir
+	rm -rf $(VENV) $(EXT) workdir

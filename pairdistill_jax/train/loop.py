@@ -106,8 +106,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           evaluate: Callable[[int, Any], dict] | None = None) -> dict:
   """Trains the student of `config`; returns the run summary (first and last logged windows).
 
-  `evaluate(step, params) -> metrics`, when given, runs every `train.eval_every` steps (the periodic dev
-  evaluation); its metrics go to metrics.jsonl (with "eval_" prefixes) and TensorBoard's eval/ section.
+  `evaluate(step, params) -> metrics` runs every `train.eval_every` steps (the periodic dev evaluation; by
+  default retrieval on `config.eval` when eval.collection is set); its metrics go to metrics.jsonl (with
+  "eval_" prefixes) and TensorBoard's eval/ section, and rank checkpoints for `train.best_metric`.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +121,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     raise ValueError(f"model.doc_maxlen/query_maxlen exceed the model's {bert_config.max_position_embeddings} "
                      f"positions")
   model = make_student(config.model, bert_config)
+  if evaluate is None and config.train.eval_every and config.eval.collection:
+    from pairdistill_jax.retrieval.evaluate import evaluate_params  # noqa: PLC0415 (faiss only when used)
+
+    def evaluate(step, params):
+      return evaluate_params(config, bert_config, params, paths.tokenizer, workdir, step=step)
   tx = state_lib.optimizer(config)
   rng = jax.random.PRNGKey(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)

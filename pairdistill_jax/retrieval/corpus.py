@@ -1,0 +1,251 @@
+"""Corpus embeddings on disk: encoded in chunks (resumable, split over hosts and devices), read back as stores.
+
+  DIR/manifest.json               what the chunks were computed from (model fingerprint, corpus hash, sizes)
+  DIR/chunk_000000.vectors.npy    DPR: one float32 vector per document; ColBERT: the scored token vectors
+                                  (padding and punctuation dropped, as stanford ColBERT indexes them) of the
+                                  chunk's documents, concatenated, float16
+  DIR/chunk_000000.lengths.npy    ColBERT: tokens per document, int32
+
+Every file is written under a temporary name and renamed, and a chunk counts as done once its last file
+exists (lengths for ColBERT, vectors for DPR): a crashed run resumes at the first missing chunk. A different
+model or corpus (manifest mismatch) discards the old chunks. Chunk i is encoded by process i mod P.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from pairdistill_jax.retrieval import devices
+from pairdistill_jax.retrieval.encoders import Encoder
+
+MANIFEST = "manifest.json"
+_VECTORS = "chunk_{:06d}.vectors.npy"
+_LENGTHS = "chunk_{:06d}.lengths.npy"
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DenseStore:
+  """One vector per document (bi-encoders), in chunks of consecutive documents."""
+
+  chunks: list[np.ndarray]
+
+  @property
+  def num_docs(self) -> int:
+    return sum(c.shape[0] for c in self.chunks)
+
+  @property
+  def dim(self) -> int:
+    return self.chunks[0].shape[1]
+
+  def sample(self, n: int, seed: int = 0) -> np.ndarray:
+    """`n` distinct documents' vectors (all of them when n >= num_docs), float32."""
+    return _sample_rows(self.chunks, n, seed)
+
+
+@dataclasses.dataclass
+class TokenStore:
+  """ColBERT document token vectors: `chunks[c]` holds documents [c*chunk_size, (c+1)*chunk_size)."""
+
+  chunks: list[np.ndarray]
+  lengths: np.ndarray
+  chunk_size: int
+  _starts: np.ndarray = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self) -> None:
+    self.lengths = np.asarray(self.lengths, np.int64)
+    self._starts = np.zeros_like(self.lengths)
+    for c, vectors in enumerate(self.chunks):
+      lengths = self.lengths[c * self.chunk_size:(c + 1) * self.chunk_size]
+      if lengths.sum() != vectors.shape[0]:
+        raise ValueError(f"chunk {c}: lengths sum to {lengths.sum()} tokens but it holds {vectors.shape[0]}")
+      self._starts[c * self.chunk_size:(c + 1) * self.chunk_size] = np.cumsum(lengths) - lengths
+    if len(self.chunks) != -(-len(self.lengths) // self.chunk_size):
+      raise ValueError(f"{len(self.chunks)} chunks for {len(self.lengths)} documents of chunk_size "
+                       f"{self.chunk_size}")
+
+  @classmethod
+  def from_arrays(cls, vectors_TxD: np.ndarray, lengths_N: np.ndarray) -> "TokenStore":
+    """One chunk holding every document (tests, small corpora)."""
+    return cls([vectors_TxD], lengths_N, chunk_size=max(len(lengths_N), 1))
+
+  @property
+  def num_docs(self) -> int:
+    return len(self.lengths)
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.lengths.sum())
+
+  @property
+  def dim(self) -> int:
+    return self.chunks[0].shape[1]
+
+  @property
+  def max_length(self) -> int:
+    return int(self.lengths.max())
+
+  def doc_of_token(self) -> np.ndarray:
+    """The document index of every token, in storage order (the order tokens are added to an index)."""
+    return np.repeat(np.arange(self.num_docs), self.lengths)
+
+  def sample(self, n: int, seed: int = 0) -> np.ndarray:
+    """`n` distinct token vectors (all of them when n >= num_tokens), float32."""
+    return _sample_rows(self.chunks, n, seed)
+
+  def gather(self, doc_ids_C: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' token vectors padded to `width`: ([C, width, dim], mask [C, width] int32)."""
+    doc_ids_C = np.asarray(doc_ids_C, np.int64)
+    lengths_C = self.lengths[doc_ids_C]
+    if lengths_C.size and lengths_C.max() > width:
+      raise ValueError(f"width {width} is below a gathered document's {lengths_C.max()} tokens")
+    offsets_W = np.arange(width)
+    mask_CxW = offsets_W[None] < lengths_C[:, None]
+    positions_CxW = self._starts[doc_ids_C][:, None] + np.minimum(offsets_W[None], lengths_C[:, None] - 1)
+    vectors_CxWxD = np.empty((len(doc_ids_C), width, self.dim), self.chunks[0].dtype)
+    chunk_C = doc_ids_C // self.chunk_size
+    for c in np.unique(chunk_C):
+      rows = chunk_C == c
+      vectors_CxWxD[rows] = self.chunks[c][positions_CxW[rows]]
+    return vectors_CxWxD, mask_CxW.astype(np.int32)
+
+
+Store = DenseStore | TokenStore
+
+
+def _sample_rows(chunks: Sequence[np.ndarray], n: int, seed: int) -> np.ndarray:
+  sizes = np.array([c.shape[0] for c in chunks])
+  total = int(sizes.sum())
+  rows = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+  chunk_of = np.searchsorted(np.cumsum(sizes), rows, side="right")
+  starts = np.cumsum(sizes) - sizes
+  return np.concatenate([np.asarray(chunks[c][rows[chunk_of == c] - starts[c]], np.float32)
+                         for c in np.unique(chunk_of)])
+
+
+def corpus_hash(texts: Sequence[str]) -> str:
+  """A digest of the documents' texts in order."""
+  digest = hashlib.blake2b(digest_size=16)
+  for text in texts:
+    data = text.encode("utf-8")
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+  return digest.hexdigest()
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    np.save(f, array)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _done_file(directory: pathlib.Path, kind: str, chunk: int) -> pathlib.Path:
+  return directory / (_LENGTHS if kind == "colbert" else _VECTORS).format(chunk)
+
+
+def encode_chunk(encoder: Encoder, texts: Sequence[str], batch_size: int,
+                 on_batch: Callable[[int], object] = lambda n: None) -> tuple[np.ndarray, np.ndarray | None]:
+  """(vectors, lengths) of documents: DPR [n, dim] float32 and None; ColBERT scored tokens float16 and counts.
+
+  Documents are encoded longest first in batches of `batch_size` rows, each cut to a bucketed width;
+  `on_batch(rows)` follows each batch.
+  """
+  tokens = encoder.tokenizer.encode_docs(list(texts))
+  ids_NxL, mask_NxL = tokens["ids"], tokens["mask"]
+  keep_NxL = tokens.get("score_mask")
+  order = np.argsort(-mask_NxL.sum(1), kind="stable")
+  per_doc: list[np.ndarray | None] = [None] * len(texts)
+  for start in range(0, len(texts), batch_size):
+    rows = order[start:start + batch_size]
+    width = devices.width_bucket(int(mask_NxL[rows].sum(1).max()), ids_NxL.shape[1])
+    vectors = encoder.encode("doc", devices.pad_rows(ids_NxL[rows, :width], batch_size),
+                             devices.pad_rows(mask_NxL[rows, :width], batch_size))[:len(rows)]
+    for i, row in enumerate(rows):
+      per_doc[row] = vectors[i] if keep_NxL is None else vectors[i][keep_NxL[row, :width].astype(bool)]
+    on_batch(len(rows))
+  if keep_NxL is None:
+    return np.stack(per_doc).astype(np.float32), None
+  lengths = np.array([len(v) for v in per_doc], np.int32)
+  return np.concatenate(per_doc).astype(np.float16), lengths
+
+
+def _prepare(directory: pathlib.Path, manifest: dict) -> None:
+  """Process 0 discards chunks computed from another model or corpus, then writes the manifest."""
+  path = directory / MANIFEST
+  if path.exists() and json.loads(path.read_text()) == manifest:
+    return
+  stale = sorted(directory.glob("chunk_*.npy"))
+  if stale:
+    _log.info("%s: embeddings of another model or corpus; discarding %d files", directory, len(stale))
+    for f in stale:
+      f.unlink()
+  tmp = path.with_name(f".{MANIFEST}.tmp")
+  tmp.write_text(json.dumps(manifest, indent=2))
+  os.replace(tmp, path)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def encode_corpus(encoder: Encoder, texts: Sequence[str], directory: str | os.PathLike, *,
+                  batch_size: int = 256, chunk_size: int = 16_384) -> Store:
+  """Encodes (or resumes encoding) the documents into `directory`; returns the store over all of them."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  if not texts:
+    raise ValueError("the collection is empty")
+  batch_size = devices.round_up(batch_size, encoder.mesh.size)
+  manifest = {"fingerprint": encoder.fingerprint, "corpus": corpus_hash(texts), "num_docs": len(texts),
+              "chunk_size": chunk_size, "kind": encoder.kind}
+  if jax.process_index() == 0:
+    _prepare(directory, manifest)
+  _sync("retrieval-corpus-prepared")
+  chunks = range(jax.process_index(), -(-len(texts) // chunk_size), jax.process_count())
+  mine = sum(len(texts[c * chunk_size:(c + 1) * chunk_size]) for c in chunks)
+  todo = [c for c in chunks if not _done_file(directory, encoder.kind, c).exists()]
+  done = mine - sum(len(texts[c * chunk_size:(c + 1) * chunk_size]) for c in todo)
+  if done:
+    _log.info("%s: resuming, %d of this host's %d documents already encoded", directory, done, mine)
+  with tqdm.tqdm(total=mine, initial=done, desc="encode corpus", unit="doc", dynamic_ncols=True,
+                 disable=jax.process_index() != 0) as bar:
+    for c in todo:
+      chunk_texts = texts[c * chunk_size:(c + 1) * chunk_size]
+      vectors, lengths = encode_chunk(encoder, chunk_texts, batch_size, bar.update)
+      _save_npy(directory / _VECTORS.format(c), vectors)
+      if lengths is not None:
+        _save_npy(directory / _LENGTHS.format(c), lengths)
+  _sync("retrieval-corpus-encoded")
+  return open_store(directory)
+
+
+def open_store(directory: str | os.PathLike) -> Store:
+  """The store of a completely encoded directory (vectors memory-mapped)."""
+  directory = pathlib.Path(directory)
+  manifest = json.loads((directory / MANIFEST).read_text())
+  n_chunks = -(-manifest["num_docs"] // manifest["chunk_size"])
+  missing = [c for c in range(n_chunks) if not _done_file(directory, manifest["kind"], c).exists()]
+  if missing:
+    raise FileNotFoundError(f"{directory}: chunks {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; "
+                            f"run the encoding again to complete them")
+  vectors = [np.load(directory / _VECTORS.format(c), mmap_mode="r") for c in range(n_chunks)]
+  if manifest["kind"] == "dpr":
+    return DenseStore(vectors)
+  lengths = np.concatenate([np.load(directory / _LENGTHS.format(c)) for c in range(n_chunks)])
+  return TokenStore(vectors, lengths, manifest["chunk_size"])

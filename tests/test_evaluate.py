@@ -1,0 +1,176 @@
+"""Evaluation: metrics against ir-measures and hand computation, the run/qrels conventions, data loading,
+end-to-end evaluation of a real sentence-transformers model, the CLI, and (slow) MiniLM on SciFact."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import ir_measures
+import numpy as np
+import pytest
+
+import configs.dpr
+from pairdistill_jax.convert import export
+from pairdistill_jax.data import demo, formats
+from pairdistill_jax.retrieval import evaluate, metrics
+from test_export import random_student
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+QRELS = {"q1": {"d1": 1, "d2": 0, "d3": 2}, "q2": {"d4": 1}, "q3": {"d5": 1}}
+RUN = {"q1": {"d2": 0.9, "d1": 0.8, "d9": 0.7, "d3": 0.6},
+       "q2": {"d7": 0.5, "d8": 0.4, "d6": 0.3, "d10": 0.2, "d11": 0.1, "d4": 0.05}}  # q3 retrieved nothing
+
+
+def test_metrics_equal_hand_computation_over_all_judged_queries():
+  got = metrics.compute_metrics(RUN, QRELS, "RR@10,Success@5,R@50,nDCG@10")
+  # q1: first relevant (d1) at rank 2; q2: d4 at rank 6; q3 is judged but absent: 0. Three judged queries.
+  assert got["RR@10"] == pytest.approx((1 / 2 + 1 / 6) / 3)
+  assert got["Success@5"] == pytest.approx(1 / 3)
+  assert got["R@50"] == pytest.approx(2 / 3)
+  ndcg_q1 = (1 / math.log2(3) + 2 / math.log2(5)) / (2 / math.log2(2) + 1 / math.log2(3))
+  ndcg_q2 = 1 / math.log2(7)
+  assert got["nDCG@10"] == pytest.approx((ndcg_q1 + ndcg_q2) / 3)
+
+
+def test_metrics_equal_ir_measures_when_every_judged_query_is_retrieved():
+  qrels = {q: QRELS[q] for q in RUN}
+  got = metrics.compute_metrics(RUN, qrels)
+  expected = ir_measures.calc_aggregate(
+      [ir_measures.parse_measure(m) for m in metrics.DEFAULT_METRICS],
+      [ir_measures.Qrel(q, d, r) for q, docs in qrels.items() for d, r in docs.items()],
+      [ir_measures.ScoredDoc(q, d, s) for q, docs in RUN.items() for d, s in docs.items()])
+  assert got == pytest.approx({str(m): v for m, v in expected.items()})
+
+
+def test_ties_are_ranked_as_the_run_file_ranks_them(tmp_path):
+  run = {"q": {"b": 1.0, "a": 1.0, "c": 0.5}}
+  assert metrics.compute_metrics(run, {"q": {"b": 1}}, "RR@10")["RR@10"] == 0.5  # 'a' precedes 'b'
+  formats.write_run(tmp_path / "run.trec", run)
+  first = (tmp_path / "run.trec").read_text().splitlines()[0].split()
+  assert first[2:4] == ["a", "1"]
+
+
+def test_unknown_metric_is_named():
+  with pytest.raises(ValueError, match="unknown metric 'NDGC@10'"):
+    metrics.parse_metrics("nDCG@10,NDGC@10")
+
+
+def test_hits_to_run_drops_the_query_itself_and_padding_and_keeps_k():
+  scores = np.array([[3.0, 2.0, 1.0, -np.inf]])
+  ids = np.array([[1, 0, 2, -1]])
+  run = evaluate.hits_to_run(["x"], ["x", "y", "z"], scores, ids, k=2, drop_self=True)
+  assert run == {"x": {"y": 3.0, "z": 1.0}}
+  assert evaluate.hits_to_run(["x"], ["x", "y", "z"], scores, ids, k=2, drop_self=False) == {
+      "x": {"y": 3.0, "x": 2.0}}
+
+
+def eval_config(**fields):
+  e = configs.dpr.get_config().eval
+  e.update(fields)
+  return e
+
+
+def write_beir(root: pathlib.Path, docs: dict, queries: dict, qrels: dict) -> None:
+  (root / "qrels").mkdir(parents=True)
+  (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n"
+                                             for i, t in docs.items()))
+  (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries.items()))
+  (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+      f"{q}\t{d}\t{r}\n" for q, docs in qrels.items() for d, r in docs.items()))
+
+
+def test_load_beir_keeps_judged_queries_and_drops_self_hits(tmp_path):
+  write_beir(tmp_path / "beir", {"a": "x", "b": "y"}, {"a": "qa", "q2": "qq", "q3": "unjudged"},
+             {"a": {"b": 1}, "q2": {"a": 1}})
+  data = evaluate.load_data(eval_config(format="beir", collection="{workdir}/beir"), tmp_path)
+  assert data.queries == {"a": "qa", "q2": "qq"} and data.drop_self
+  assert data.collection == {"a": "x", "b": "y"}
+
+
+def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog):
+  formats.write_collection(tmp_path / "collection.tsv", {"0": "first", "1": "second"})
+  formats.write_queries(tmp_path / "questions.tsv", {"7": "which?"})
+  (tmp_path / "qas.jsonl").write_text(json.dumps({"qid": 7, "query": "which?", "answer_pids": [1, 0]}) + "\n"
+                                      + json.dumps({"qid": 8, "query": "lost", "answer_pids": [0]}) + "\n")
+  data = evaluate.load_data(eval_config(collection=str(tmp_path / "collection.tsv"),
+                                        queries=str(tmp_path / "questions.tsv"), qrels=str(tmp_path / "qas.jsonl")),
+                            tmp_path)
+  assert data.qrels == {"7": {"1": 1, "0": 1}, "8": {"0": 1}} and data.queries == {"7": "which?"}
+  assert not data.drop_self
+  assert "1 judged queries" in caplog.text
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(format="trec"), "eval.format must be one of"),
+    (dict(collection=""), "eval.collection is empty"),
+    (dict(collection="c.tsv", queries="q.tsv", qrels=""), "eval.qrels is empty"),
+    (dict(collection="c.tsv", queries="q.tsv", qrels="r", k=0), "eval.k must be >= 1"),
+])
+def test_bad_eval_config_names_the_field(fields, message):
+  with pytest.raises(ValueError, match=message):
+    evaluate.check_eval_config(eval_config(**fields))
+
+
+DOCS = {"cat": "The cat sat on the warm windowsill and purred.",
+        "stocks": "Stock markets fell sharply after the central bank raised interest rates.",
+        "volcano": "The volcano erupted, sending ash and lava down the mountain slopes.",
+        "pasta": "Boil the pasta for ten minutes, then add tomato sauce and basil.",
+        "q_rain": "Heavy rain is expected across the region tomorrow."}
+QUERIES = {"q_cat": "where did the kitten sleep", "q_rain": "will it rain tomorrow",
+           "q_pasta": "how long to cook spaghetti"}
+
+
+def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path):
+  qrels = {"q_cat": {"cat": 1}, "q_rain": {"volcano": 0, "stocks": 1}, "q_pasta": {"pasta": 2}}
+  write_beir(tmp_path / "beir", DOCS, QUERIES, qrels)
+  e = eval_config(format="beir", collection=str(tmp_path / "beir"), k=3, batch_size=8)
+  result = evaluate.evaluate_model_dir(minilm_dir, e, tmp_path / "wd")
+  out = tmp_path / "wd" / "eval"
+  run = formats.read_run(out / "run.trec")
+  assert set(run) == set(QUERIES) and all(len(docs) == 3 for docs in run.values())
+  assert "q_rain" not in run["q_rain"]  # BEIR: the document with the query's id is never retrieved
+  assert max(run["q_cat"], key=run["q_cat"].get) == "cat" and max(run["q_pasta"], key=run["q_pasta"].get) == "pasta"
+  expected = ir_measures.calc_aggregate([ir_measures.parse_measure(m) for m in metrics.DEFAULT_METRICS],
+                                        [ir_measures.Qrel(q, d, r) for q, docs in qrels.items()
+                                         for d, r in docs.items()],
+                                        ir_measures.read_trec_run(str(out / "run.trec")))
+  assert result.metrics == pytest.approx({str(m): v for m, v in expected.items()})
+  saved = json.loads((out / "metrics.json").read_text())
+  assert saved["metrics"] == result.metrics and saved["queries"] == 3 and saved["documents"] == 5
+  assert "nDCG@10" in result.table()
+
+
+def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
+  demo.generate(tmp_path / "demo_data")
+  tokenizer_dir = tmp_path / "demo_data" / "tokenizer"
+  config, bert_config, params, _ = random_student(tmp_path, "colbert", tokenizer_dir=tokenizer_dir)
+  settings = export.ColBERTSettings.from_model_config(config.model)
+  model_dir = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings,
+                                    pylate=False) / "colbert"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "pairdistill_jax.main", "--config=configs/colbert.py:demo", f"--workdir={tmp_path}",
+       "--mode=evaluate", f"--model_dir={model_dir}", "--config.eval.k=10", "--config.eval.metrics=RR@10,R@50"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = next(l for l in result.stdout.splitlines() if l.startswith("METRICS "))
+  printed = json.loads(line[len("METRICS "):])
+  assert printed == json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+  assert list(printed) == ["RR@10", "R@50"] and "100 queries, 1000 documents, exact search" in result.stdout
+
+
+@pytest.mark.slow
+def test_minilm_zero_shot_on_scifact(minilm_dir, scifact_dir, tmp_path):
+  """all-MiniLM-L6-v2, mean pooling, BEIR SciFact test: published nDCG@10 is about 0.645."""
+  start = time.perf_counter()
+  e = eval_config(format="beir", collection=str(scifact_dir), split="test", batch_size=64)
+  result = evaluate.evaluate_model_dir(minilm_dir, e, tmp_path)
+  seconds = time.perf_counter() - start
+  print(f"\nall-MiniLM-L6-v2 on SciFact test: nDCG@10 {result.metrics['nDCG@10']:.4f} in {seconds:.0f} s")
+  print(result.table())
+  assert 0.63 <= result.metrics["nDCG@10"] <= 0.66

@@ -12,7 +12,8 @@ from typing import Any
 import ml_collections
 
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")  # models.bert
+ATTENTION_KERNELS = ("einsum", "dot_product_attention")
 # Logical parameter/activation axis -> mesh axes (DESIGN §4); configs copy this and may change it.
 SHARDING_RULES = [("batch", ["data", "fsdp"]), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
                   ("vocab", "tensor")]
@@ -99,19 +100,27 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
   return axes
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Checks that a config can run on `num_devices` devices; raises ConfigError saying what to change."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: bool = True) -> None:
+  """Checks that a config can run on `num_devices` devices; raises ConfigError saying what to change.
+
+  need_data=False skips the data files (the benchmark trains on synthetic batches).
+  """
   m, t, d, loss, o = config.model, config.train, config.data, config.loss, config.optim
   _require(m.kind in ("colbert", "dpr"), f"model.kind must be 'colbert' or 'dpr', got {m.kind!r}")
   _require(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
   _require(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {m.remat!r}")
+  _require(m.attention in ATTENTION_KERNELS,
+           f"model.attention must be one of {ATTENTION_KERNELS}, got {m.attention!r}")
+  _require(m.attention == "einsum" or m.bert.attention_probs_dropout_prob == 0,
+           f"model.attention={m.attention!r} has no attention-probability dropout: set "
+           f"--config.model.bert.attention_probs_dropout_prob=0 or --config.model.attention=einsum")
   _require(m.query_maxlen >= 3, f"model.query_maxlen={m.query_maxlen} leaves no room for query tokens")
   _require(m.doc_maxlen >= 4, f"model.doc_maxlen={m.doc_maxlen} leaves no room for document tokens")
   if m.kind == "dpr":
     _require(m.pooling in ("cls", "mean"), f"model.pooling must be 'cls' or 'mean', got {m.pooling!r}")
   _require(d.nway >= 2, f"data.nway must be at least 2, got {d.nway}")
   _require(d.max_pairs >= 0, f"data.max_pairs must be >= 0, got {d.max_pairs}")
-  if not d.demo:
+  if need_data and not d.demo:
     for field in ("train", "collection", "queries"):
       path = d[field]
       _require(bool(path), f"data.{field} is empty: set --config.data.{field}=PATH (or use the :demo variant)")
@@ -130,6 +139,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(group >= 1 and micro % group == 0,
              f"loss.in_batch_group={loss.in_batch_group} must divide the micro-batch {micro} "
              f"(or be -1 for the whole micro-batch)")
+  if m.kind == "colbert":
+    _require(loss.maxsim_chunk >= 0, f"loss.maxsim_chunk must be >= 0 (0: unchunked), got {loss.maxsim_chunk}")
   _require(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
   _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
   _require(0 <= o.warmup_steps <= t.steps,

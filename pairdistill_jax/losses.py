@@ -106,7 +106,8 @@ def colbert_in_batch_ce(
   own_BxG = own_block_B[:, None] == jnp.arange(group_size)[None, :]
   candidates_BxGxN = jnp.where(own_BxG[:, :, None], jnp.arange(n) == 0, group_mask_BxGxN)
   logits_BxGN = jnp.where(candidates_BxGxN, scores_BxGxN, _EXCLUDED).reshape(b, group_size * n)
-  positive_B = scores_BxGxN[jnp.arange(b), own_block_B, 0]
+  # A select, not an indexed gather: XLA would all-gather the gather's indices across batch shards.
+  positive_B = jnp.where(own_BxG, scores_BxGxN[:, :, 0], 0.0).sum(axis=1)
   return jnp.mean(jax.nn.logsumexp(logits_BxGN, axis=-1) - positive_B)
 
 

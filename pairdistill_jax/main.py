@@ -1,7 +1,14 @@
 """Entry point: `python -m pairdistill_jax.main --config=configs/colbert.py[:variant] --workdir=DIR`.
 
   --mode=train        train the student of the config (default)
-  --mode=evaluate|export|mine|score|benchmark   not built yet: they exit with a message saying so
+  --mode=export       write the workdir's latest checkpoint as PyTorch directories (--export_dir, default
+                      WORKDIR/export): stanford ColBERT + PyLate, or sentence-transformers + transformers DPR
+  --mode=evaluate     evaluate the workdir's latest checkpoint, or --model_dir (a stanford ColBERT / HF /
+                      sentence-transformers directory, --pooling=cls|mean), on config.eval; writes
+                      WORKDIR/eval/run.trec and metrics.json and prints the metrics table
+  --mode=benchmark    time the train step (and encoding, scaling over devices, variants: config.benchmark) on
+                      synthetic batches; prints BENCHMARK {json} lines, appends them to WORKDIR/benchmark.jsonl
+  --mode=mine|score   not built yet: they exit with a message saying so
 
 Any config field can be overridden: `--config.optim.lr=2e-5 --config.train.batch_size=64`.
 """
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import jax
@@ -21,11 +29,8 @@ from pairdistill_jax import config_lib, distributed
 
 MODES = ("train", "evaluate", "export", "mine", "score", "benchmark")
 NOT_BUILT = {
-    "evaluate": "FAISS indexing and evaluation",
-    "export": "export to PyTorch / stanford ColBERT / sentence-transformers",
     "mine": "mining with a student retriever",
     "score": "teacher scoring and pair selection",
-    "benchmark": "the train-step benchmark",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/colbert.py:demo.",
@@ -36,6 +41,11 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of proc
                                    "outside TPU pods and SLURM (or JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output directory (default WORKDIR/export).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "--mode=evaluate: evaluate this stanford ColBERT / HF / "
+                                 "sentence-transformers directory instead of the workdir's checkpoint.")
+_POOLING = flags.DEFINE_enum("pooling", None, ["cls", "mean"], "--mode=evaluate --model_dir: pooling of an HF "
+                             "model (default: its sentence-transformers Pooling config).")
 
 
 def fail(message: str) -> None:
@@ -69,6 +79,12 @@ def main(argv: list[str]) -> int:
   if not _WORKDIR.value:
     fail("--workdir is required")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if mode == "export":
+    return run_export(_WORKDIR.value)
+  if mode == "evaluate":
+    return run_evaluate(config, _WORKDIR.value)
+  if mode == "benchmark":
+    return run_benchmark(config, _WORKDIR.value)
   try:
     config_lib.validate(config, jax.device_count())
   except config_lib.ConfigError as e:
@@ -80,6 +96,61 @@ def main(argv: list[str]) -> int:
     print(format_summary(summary))
     print("SUMMARY " + json.dumps(summary))
   return 0  # also after a preemption: the checkpoint is saved and rerunning resumes
+
+
+def _load_trained(workdir: str, mode: str, hint: str = ""):
+  from pairdistill_jax import checkpoint  # noqa: PLC0415
+
+  try:
+    return checkpoint.load_trained(workdir)
+  except FileNotFoundError as e:
+    fail(f"--mode={mode}: {e}{hint}")
+
+
+def run_export(workdir: str) -> int:
+  """--mode=export: the latest checkpoint as PyTorch serving directories."""
+  from pairdistill_jax.convert import export  # noqa: PLC0415
+
+  trained = _load_trained(workdir, "export")
+  out = _EXPORT_DIR.value or os.path.join(workdir, "export")
+  if jax.process_index() == 0:
+    export.export_trained(trained, out)
+    print(f"exported {trained.config.model.kind} (step {trained.step}) to {out}: "
+          f"{', '.join(sorted(os.listdir(out)))}")
+  return 0
+
+
+def run_benchmark(config, workdir: str) -> int:
+  """--mode=benchmark: the measurements of config.benchmark (pairdistill_jax.bench.runner)."""
+  from pairdistill_jax.bench import runner  # noqa: PLC0415
+
+  try:
+    runner.run(config, workdir)
+  except config_lib.ConfigError as e:
+    fail(f"invalid config: {e}")
+  return 0
+
+
+def run_evaluate(config, workdir: str) -> int:
+  """--mode=evaluate: the latest checkpoint (or --model_dir) on config.eval; prints the metrics table."""
+  from pairdistill_jax.retrieval import evaluate  # noqa: PLC0415
+
+  try:
+    evaluate.check_eval_config(config.eval)
+  except ValueError as e:
+    fail(f"invalid config: {e}")
+  if _MODEL_DIR.value:
+    try:
+      result = evaluate.evaluate_model_dir(_MODEL_DIR.value, config.eval, workdir, pooling=_POOLING.value)
+    except (FileNotFoundError, ValueError) as e:
+      fail(f"--mode=evaluate --model_dir={_MODEL_DIR.value}: {e}")
+  else:
+    trained = _load_trained(workdir, "evaluate", "; or evaluate a directory with --model_dir")
+    result = evaluate.evaluate_trained(trained, config.eval, workdir)
+  if jax.process_index() == 0:
+    print(result.table())
+    print("METRICS " + json.dumps(result.metrics))
+  return 0
 
 
 def format_summary(summary: dict) -> str:

@@ -22,6 +22,14 @@ Axes = tuple[str | None, ...]
 _INIT_STD = 0.02  # HF initializer_range
 _SUPPORTED_ACT = "gelu"  # HF "gelu" is the exact erf GELU
 _SUPPORTED_POSITIONS = "absolute"
+ATTENTION_KERNELS = ("einsum", "dot_product_attention")
+ACTIVATION_AXES = ("batch", None, None)  # hidden states: split along the batch, whole along length and H
+# nn.remat policy per name; 'none' does not rematerialise at all.
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer: recompute its whole forward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +129,17 @@ def _embed(num: int, features: int, axes: Axes, name: str) -> nn.Embed:
       name=name)
 
 
+def _lookup(num: int, features: int, axes: Axes, name: str, ids: Array) -> Array:
+  """Rows `ids` of the embedding table `name`.
+
+  Where logical-axis rules are in effect, the table is first constrained whole along its features (FSDP's
+  weight all-gather): rows gathered from a table split along its features would make XLA all-gather the
+  ids and move the looked-up activations between devices instead.
+  """
+  table = _embed(num, features, axes, name).embedding
+  return jnp.take(nn.with_logical_constraint(table, (axes[0], None)), ids, axis=0)
+
+
 class BertEmbeddings(nn.Module):
   """word + absolute position + token-type embeddings, LayerNorm, dropout."""
 
@@ -135,21 +154,27 @@ class BertEmbeddings(nn.Module):
       raise ValueError(
           f"sequence length {length} exceeds max_position_embeddings "
           f"{cfg.max_position_embeddings}; truncate the inputs.")
-    words_BxLxH = _embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
-                         "word_embeddings")(input_ids_BxL)
-    positions_LxH = _embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
-                           "position_embeddings")(jnp.arange(length))
-    types_BxLxH = _embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
-                         "token_type_embeddings")(token_type_ids_BxL)
+    words_BxLxH = _lookup(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), "word_embeddings",
+                          input_ids_BxL)
+    positions_LxH = _lookup(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"),
+                            "position_embeddings", jnp.arange(length))
+    types_BxLxH = _lookup(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), "token_type_embeddings",
+                          token_type_ids_BxL)
     x_BxLxH = _layer_norm(cfg, self.dtype)(words_BxLxH + positions_LxH[None] + types_BxLxH)
     return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
-  """Multi-head scaled dot-product attention (explicit einsum, float32 softmax)."""
+  """Multi-head scaled dot-product attention, float32 softmax.
+
+  `attention` picks the kernel: 'einsum' (explicit einsums, attention-probability dropout) or
+  'dot_product_attention' (`jax.nn.dot_product_attention`, implementation chosen by JAX; it has no
+  attention-probability dropout, so training with it needs attention_probs_dropout_prob 0).
+  """
 
   config: BertConfig
   dtype: Any = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
@@ -162,6 +187,17 @@ class BertSelfAttention(nn.Module):
       return y_BxLxH.reshape(*y_BxLxH.shape[:2], heads, head_dim)
 
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = project("query"), project("key"), project("value")
+    if self.attention == "dot_product_attention":
+      if not deterministic and cfg.attention_probs_dropout_prob > 0:
+        raise ValueError(
+            "attention='dot_product_attention' has no attention-probability dropout but "
+            f"attention_probs_dropout_prob is {cfg.attention_probs_dropout_prob}; set it to 0 "
+            "(--config.model.bert.attention_probs_dropout_prob=0) or use attention='einsum'.")
+      out_BxLxNxD = jax.nn.dot_product_attention(
+          q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask=mask_bias_Bx1x1xL == 0, implementation=None)
+      return out_BxLxNxD.reshape(x_BxLxH.shape)
+    if self.attention != "einsum":
+      raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
     logits_BxNxLxL = jnp.einsum(
         "bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
     logits_BxNxLxL = logits_BxNxLxL * head_dim**-0.5 + mask_bias_Bx1x1xL
@@ -192,10 +228,11 @@ class BertAttention(nn.Module):
 
   config: BertConfig
   dtype: Any = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
-    attended_BxLxH = BertSelfAttention(self.config, self.dtype, name="self")(
+    attended_BxLxH = BertSelfAttention(self.config, self.dtype, self.attention, name="self")(
         x_BxLxH, mask_bias_Bx1x1xL, deterministic)
     return BertResidualOutput(self.config, ("heads", "embed"), self.dtype, name="output")(
         attended_BxLxH, x_BxLxH, deterministic)
@@ -218,30 +255,50 @@ class BertLayer(nn.Module):
 
   config: BertConfig
   dtype: Any = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
     cfg = self.config
-    x_BxLxH = BertAttention(cfg, self.dtype, name="attention")(
+    x_BxLxH = BertAttention(cfg, self.dtype, self.attention, name="attention")(
         x_BxLxH, mask_bias_Bx1x1xL, deterministic)
     y_BxLxI = BertIntermediate(cfg, self.dtype, name="intermediate")(x_BxLxH)
     return BertResidualOutput(cfg, ("mlp", "embed"), self.dtype, name="output")(
         y_BxLxI, x_BxLxH, deterministic)
 
 
+def remat_policy_name(remat: str | bool) -> str:
+  """The REMAT_POLICIES name (or 'none') of a remat setting; True and False mean 'full' and 'none'."""
+  name = ("full" if remat else "none") if isinstance(remat, bool) else remat
+  if name != "none" and name not in REMAT_POLICIES:
+    raise ValueError(f"remat must be 'none' or one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+  return name
+
+
 class BertLayerStack(nn.Module):
-  """num_hidden_layers BertLayers named layer_{i}, each optionally rematerialised."""
+  """num_hidden_layers BertLayers named layer_{i}, each rematerialised under the `remat` policy.
+
+  Between layers the hidden states are constrained to the logical axes ACTIVATION_AXES (split along
+  'batch' only) where logical-axis rules are in effect (`nn.logical_axis_rules`, as in the train step):
+  otherwise XLA may follow the FSDP-sharded weights and move activations instead of gathering weights.
+  """
 
   config: BertConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
-    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+    policy = remat_policy_name(self.remat)
+    layer_cls = BertLayer
+    if policy != "none":
+      layer_cls = nn.remat(BertLayer, static_argnums=(3,), policy=REMAT_POLICIES[policy])
+    x_BxLxH = nn.with_logical_constraint(x_BxLxH, ACTIVATION_AXES)
     for i in range(self.config.num_hidden_layers):
-      x_BxLxH = layer_cls(self.config, self.dtype, name=f"layer_{i}")(
+      x_BxLxH = layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")(
           x_BxLxH, mask_bias_Bx1x1xL, deterministic)
+      x_BxLxH = nn.with_logical_constraint(x_BxLxH, ACTIVATION_AXES)
     return x_BxLxH
 
 
@@ -271,12 +328,17 @@ class BertEncoder(nn.Module):
     config: the BERT hyperparameters.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters are always float32, softmax and
       LayerNorm statistics are computed in float32.
-    remat: rematerialise each layer in the backward pass (nn.remat); parameter names unchanged.
+    remat: what each layer keeps for the backward pass: 'none' (everything), 'full' (nothing: the
+      layer is recomputed), 'dots_saveable' / 'dots_with_no_batch_dims_saveable' (matmul outputs /
+      those without batch dimensions, i.e. not the attention matrices); True and False mean 'full'
+      and 'none'. Parameter names are unchanged.
+    attention: 'einsum' or 'dot_product_attention' (see BertSelfAttention).
   """
 
   config: BertConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(
@@ -291,7 +353,7 @@ class BertEncoder(nn.Module):
       token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
     x_BxLxH = BertEmbeddings(self.config, self.dtype, name="embeddings")(
         input_ids_BxL, token_type_ids_BxL, deterministic)
-    hidden_BxLxH = BertLayerStack(self.config, self.dtype, self.remat, name="encoder")(
+    hidden_BxLxH = BertLayerStack(self.config, self.dtype, self.remat, self.attention, name="encoder")(
         x_BxLxH, attention_mask_bias(attention_mask_BxL), deterministic)
     if not self.config.add_pooling_layer:
       return hidden_BxLxH, None

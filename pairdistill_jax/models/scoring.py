@@ -12,11 +12,35 @@ import jax.numpy as jnp
 _MASKED = -1e4  # below any cosine-similarity sum of unit vectors; a masked token never wins the max
 
 
-def maxsim(q_BxLqxD: jax.Array, d_MxLdxD: jax.Array, d_mask_MxLd: jax.Array) -> jax.Array:
-  """Late interaction: s[b, m] = Σ_i max_j <q_bi, d_mj> over the document tokens with mask 1."""
+def maxsim(q_BxLqxD: jax.Array, d_MxLdxD: jax.Array, d_mask_MxLd: jax.Array, chunk: int = 0) -> jax.Array:
+  """Late interaction: s[b, m] = Σ_i max_j <q_bi, d_mj> over the document tokens with mask 1.
+
+  chunk > 0 scores the documents `chunk` at a time (a loop, each chunk rematerialised in the backward
+  pass), so the B×M×Lq×Ld similarity tensor never exists whole, neither forward nor backward; 0 (or a
+  chunk of at least M) computes it in one piece.
+  """
+  if 0 < chunk < d_MxLdxD.shape[0]:
+    return _maxsim_chunked(q_BxLqxD, d_MxLdxD, d_mask_MxLd, chunk)
+  return _maxsim_dense(q_BxLqxD, d_MxLdxD, d_mask_MxLd)
+
+
+def _maxsim_dense(q_BxLqxD: jax.Array, d_MxLdxD: jax.Array, d_mask_MxLd: jax.Array) -> jax.Array:
   sim_BxMxLqxLd = jnp.einsum("bqd,mkd->bmqk", q_BxLqxD, d_MxLdxD, preferred_element_type=jnp.float32)
   sim_BxMxLqxLd = jnp.where(d_mask_MxLd[None, :, None, :] > 0, sim_BxMxLqxLd, _MASKED)
   return sim_BxMxLqxLd.max(axis=-1).sum(axis=-1)
+
+
+def _maxsim_chunked(q_BxLqxD: jax.Array, d_MxLdxD: jax.Array, d_mask_MxLd: jax.Array, chunk: int) -> jax.Array:
+  """`_maxsim_dense` over chunks of documents; the last chunk is padded with masked documents."""
+  num_docs = d_MxLdxD.shape[0]
+  num_chunks = -(-num_docs // chunk)
+  pad = num_chunks * chunk - num_docs
+  d_CxKxLdxD = jnp.pad(d_MxLdxD, ((0, pad), (0, 0), (0, 0))).reshape(num_chunks, chunk, *d_MxLdxD.shape[1:])
+  d_mask_CxKxLd = jnp.pad(d_mask_MxLd, ((0, pad), (0, 0))).reshape(num_chunks, chunk, -1)
+  score_chunk = jax.checkpoint(_maxsim_dense)
+  scores_CxBxK = jax.lax.map(lambda xs: score_chunk(q_BxLqxD, *xs), (d_CxKxLdxD, d_mask_CxKxLd))
+  scores_BxCK = scores_CxBxK.transpose(1, 0, 2).reshape(q_BxLqxD.shape[0], num_chunks * chunk)
+  return scores_BxCK[:, :num_docs]
 
 
 def dot(q_BxD: jax.Array, d_MxD: jax.Array) -> jax.Array:

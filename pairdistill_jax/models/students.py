@@ -27,10 +27,11 @@ class ColBERT(nn.Module):
   bert_config: BertConfig
   dim: int = 128
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  attention: str = "einsum"
 
   def setup(self):
-    self.bert = BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat)
+    self.bert = BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat, attention=self.attention)
     self.linear = nn.Dense(
         self.dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)))
@@ -69,10 +70,11 @@ class DPR(nn.Module):
   pooling: str = "cls"
   shared_towers: bool = False
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  attention: str = "einsum"
 
   def setup(self):
-    make = lambda: BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat)
+    make = lambda: BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat, attention=self.attention)
     if self.shared_towers:
       self.encoder = make()
     else:
@@ -99,10 +101,10 @@ class DPR(nn.Module):
 
 
 def make_student(model_config, bert_config: BertConfig) -> nn.Module:
-  """The student module that `config.model` describes."""
+  """The student module that `config.model` describes (runs saved before `attention` existed: einsum)."""
   dtype = jnp.dtype(model_config.dtype)
-  remat = model_config.remat != "none"
+  kernels = dict(remat=model_config.remat, attention=model_config.get("attention", "einsum"))
   if model_config.kind == "colbert":
-    return ColBERT(bert_config, dim=model_config.dim, dtype=dtype, remat=remat)
+    return ColBERT(bert_config, dim=model_config.dim, dtype=dtype, **kernels)
   return DPR(bert_config, pooling=model_config.pooling, shared_towers=model_config.shared_towers,
-             dtype=dtype, remat=remat)
+             dtype=dtype, **kernels)

@@ -36,14 +36,15 @@ def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params, ba
   rngs = {} if deterministic else {"dropout": rng}
   apply = functools.partial(model.apply, {"params": params}, deterministic=deterministic, rngs=rngs)
   batch_size, nway, doc_len = batch["d_ids"].shape
-  q = apply(batch["q_ids"], batch["q_mask"], method="encode_query")
-  d = apply(batch["d_ids"].reshape(batch_size * nway, doc_len),
-            batch["d_mask"].reshape(batch_size * nway, doc_len), method="encode_doc")
+  with nn.logical_axis_rules(sharding.rules(config)):  # the model's activation constraints
+    q = apply(batch["q_ids"], batch["q_mask"], method="encode_query")
+    d = apply(batch["d_ids"].reshape(batch_size * nway, doc_len),
+              batch["d_mask"].reshape(batch_size * nway, doc_len), method="encode_doc")
   if m.kind == "colbert":
     d_BxNxLdxD = d.reshape(batch_size, nway, doc_len, -1)
     group = in_batch_group(config, batch_size) if loss_cfg.in_batch else 1
-    scores_BxGN = scoring.grouped_scores(scoring.maxsim, q, d_BxNxLdxD, batch["d_score_mask"],
-                                         group_size=group)
+    maxsim = functools.partial(scoring.maxsim, chunk=loss_cfg.maxsim_chunk)
+    scores_BxGN = scoring.grouped_scores(maxsim, q, d_BxNxLdxD, batch["d_score_mask"], group_size=group)
     scores_BxN = scoring.own_block(scores_BxGN, nway, group)
     return losses.colbert_loss(scores_BxN, scores_BxGN if loss_cfg.in_batch else None, batch,
                                temperature=loss_cfg.temperature, pair_alpha=loss_cfg.pair_alpha,

@@ -1,0 +1,313 @@
+"""The benchmarks of `--mode=benchmark`: the train step, corpus encoding, scaling over devices, variants.
+
+Everything runs on synthetic batches of the config's shapes from a random init (no data files, no
+pretrained weights), is compiled once and timed over `benchmark.steps` calls after `benchmark.warmup`.
+Each measurement is one record, printed as a `BENCHMARK {json}` line and appended to
+WORKDIR/benchmark.jsonl; a table of all of them follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pairdistill_jax import config_lib, sharding
+from pairdistill_jax.bench import flops as flops_lib
+from pairdistill_jax.bench import hlo, measure
+from pairdistill_jax.models.bert import BertConfig
+from pairdistill_jax.models.students import make_student
+from pairdistill_jax.train import state as state_lib
+from pairdistill_jax.train.step import make_train_step
+
+WHAT = ("train", "encode", "scaling")
+_DEFAULT_VOCAB = 30522  # bert-base's, for configs whose vocab_size is the demo's placeholder 0
+_MiB = 2**20
+
+
+def bert_config(config: ml_collections.ConfigDict) -> BertConfig:
+  bert = dict(config.model.bert)
+  bert["vocab_size"] = bert["vocab_size"] or _DEFAULT_VOCAB
+  return BertConfig(**bert)
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """`batch_size` rows in the training layout (data.batching): random tokens, full-length passages, queries
+  half [MASK] padding, a tenth of the document tokens out of MaxSim, `max_pairs` pairs per query."""
+  m, nway, pairs = config.model, config.data.nway, config.data.max_pairs
+  rng = np.random.default_rng(seed)
+  vocab = bert_config(config).vocab_size
+  q_mask = np.ones((batch_size, m.query_maxlen), np.int32)
+  q_mask[:, m.query_maxlen // 2:] = 0
+  d_mask = np.ones((batch_size, nway, m.doc_maxlen), np.int32)
+  pair_i = rng.integers(0, nway - 1, size=(batch_size, pairs)).astype(np.int32)
+  batch = dict(
+      q_ids=rng.integers(1, vocab, size=(batch_size, m.query_maxlen)).astype(np.int32), q_mask=q_mask,
+      d_ids=rng.integers(1, vocab, size=(batch_size, nway, m.doc_maxlen)).astype(np.int32), d_mask=d_mask,
+      teacher=rng.normal(size=(batch_size, nway)).astype(np.float32),
+      passage_mask=np.ones((batch_size, nway), bool), pair_i=pair_i,
+      pair_j=np.minimum(pair_i + rng.integers(1, 6, size=pair_i.shape), nway - 1).astype(np.int32),
+      pair_logp=np.log(rng.uniform(0.05, 1.0, size=(batch_size, pairs))).astype(np.float32),
+      pair_mask=np.ones((batch_size, pairs), bool))
+  if m.kind == "colbert":
+    batch["d_score_mask"] = d_mask * (rng.random(d_mask.shape) < 0.9)
+  return batch
+
+
+def _local_rows(global_rows: int) -> int:
+  return global_rows // jax.process_count()
+
+
+def describe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """The settings a measurement depends on."""
+  m, bert = config.model, config.model.bert
+  out = {"model": m.kind, "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size,
+         "mesh": dict(mesh.shape), "dtype": m.dtype, "remat": m.remat, "attention": m.attention,
+         "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
+         "nway": config.data.nway, "query_maxlen": m.query_maxlen, "doc_maxlen": m.doc_maxlen,
+         "layers": bert.num_hidden_layers, "hidden": bert.hidden_size, "heads": bert.num_attention_heads,
+         "intermediate": bert.intermediate_size}
+  if m.kind == "colbert":
+    out.update(maxsim_chunk=config.loss.maxsim_chunk, in_batch_group=config.loss.in_batch_group)
+  return out
+
+
+def _measured(compiled: jax.stages.Compiled, call, config: ml_collections.ConfigDict, model_flops: float,
+              devices: Sequence[jax.Device]) -> dict:
+  """Timing, throughput, XLA's FLOP count and memory of a compiled program called by `call`."""
+  b = config.benchmark
+  stats = measure.time_stats(measure.timed_calls(call, b.warmup, b.steps))
+  xla_flops = measure.compiled_flops(compiled)
+  return {**stats, "timed_steps": b.steps, "model_flops_per_step": model_flops,
+          "xla_flops_per_step": xla_flops * len(devices) if xla_flops is not None else None,
+          **measure.throughput(model_flops, stats["step_s_median"], devices, b.peak_flops),
+          "runtime_peak_bytes": measure.runtime_peak_memory(devices), **measure.compiled_memory(compiled)}
+
+
+def _compile(jitted, *args) -> tuple[jax.stages.Compiled, float]:
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+                    name: str = "config") -> dict:
+  """Compiles the sharded train step of `config` on `devices` (default all) and times it."""
+  mesh = sharding.make_mesh(config, devices)
+  model = make_student(config.model, bert_config(config))
+  tx = state_lib.optimizer(config)
+  m, batch_size = config.model, config.train.batch_size
+  with jax.set_mesh(mesh):
+    state, shardings = state_lib.create(model, tx, config, mesh, jax.random.PRNGKey(0))
+    step = make_train_step(model, tx, config, mesh, shardings)
+    batch = sharding.shard_batch(synthetic_batch(config, _local_rows(batch_size), jax.process_index()),
+                                 sharding.batch_sharding(mesh, sharding.rules(config)))
+    rng = jax.random.PRNGKey(1)
+    logging.info("benchmark %s: compiling the train step on %d devices", name, mesh.size)
+    compiled, compile_s = _compile(step, state, batch, rng)
+    params = hlo.param_shapes(state.params, shardings.params)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    current = {"state": state}
+
+    def call():
+      current["state"], metrics = compiled(current["state"], batch, rng)
+      return current["state"], metrics
+
+    step_flops = flops_lib.train_step(config)
+    record = _measured(compiled, call, config, step_flops.train, list(mesh.devices.flat))
+  median = record["step_s_median"]
+  tokens = batch_size * (m.query_maxlen + config.data.nway * m.doc_maxlen)
+  return {"benchmark": "train_step", "variant": name, **describe(config, mesh), "params": int(num_params),
+          "compile_s": compile_s, "queries_per_s": batch_size / median, "tokens_per_s": tokens / median,
+          **record, "model_flops_forward": {"query_encoder": step_flops.query_encoder,
+                                            "doc_encoder": step_flops.doc_encoder, "scoring": step_flops.scoring},
+          "collectives": hlo.summarize(hlo.collectives(compiled.as_text()), params)}
+
+
+def time_encoding(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+                  name: str = "encode_doc") -> dict:
+  """Times `encode_doc` on benchmark.encode_batch passages of doc_maxlen tokens (rounded up to the
+  devices), parameters replicated and rows split over every device, as corpus encoding runs."""
+  mesh = sharding.make_mesh(config, devices)
+  model = make_student(config.model, bert_config(config))
+  m = config.model
+  rows = -(-config.benchmark.encode_batch // mesh.size) * mesh.size
+  with jax.set_mesh(mesh):
+    init = lambda r: nn.meta.unbox(model.init({"params": r}, *state_lib.init_inputs(config))["params"])
+    params = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
+    ids = np.random.default_rng(jax.process_index()).integers(
+        1, bert_config(config).vocab_size, size=(_local_rows(rows), m.doc_maxlen)).astype(np.int32)
+    inputs = sharding.shard_batch({"ids": ids, "mask": np.ones_like(ids)},
+                                  NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
+    encode = jax.jit(lambda p, i, k: model.apply({"params": p}, i, k, method="encode_doc"))
+    logging.info("benchmark encode: compiling on %d devices", mesh.size)
+    compiled, compile_s = _compile(encode, params, inputs["ids"], inputs["mask"])
+    record = _measured(compiled, lambda: compiled(params, inputs["ids"], inputs["mask"]), config,
+                       flops_lib.encoder_forward(m, m.doc_maxlen, rows), list(mesh.devices.flat))
+  median = record["step_s_median"]
+  return {"benchmark": "encode", "variant": name, **describe(config, mesh), "encode_batch": rows,
+          "compile_s": compile_s, "passages_per_s": rows / median, "tokens_per_s": rows * m.doc_maxlen / median,
+          **record}
+
+
+def parse_variants(text: str) -> list[tuple[str, dict[str, str]]]:
+  """'a.b=1,c.d=x;e.f=2' -> [('a.b=1,c.d=x', {'a.b': '1', 'c.d': 'x'}), ('e.f=2', {'e.f': '2'})]."""
+  variants = []
+  for part in filter(None, (p.strip() for p in text.split(";"))):
+    overrides = {}
+    for item in part.split(","):
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise config_lib.ConfigError(f"benchmark.variants: {item!r} is not field=value (in {part!r})")
+      overrides[key.strip()] = value.strip()
+    variants.append((part, overrides))
+  return variants
+
+
+def _typed(key: str, raw: str, current) -> object:
+  if isinstance(current, bool):
+    if raw.lower() not in ("true", "false", "1", "0"):
+      raise config_lib.ConfigError(f"{key}={raw!r}: expected true or false")
+    return raw.lower() in ("true", "1")
+  try:
+    return type(current)(raw)
+  except ValueError:
+    raise config_lib.ConfigError(f"{key}={raw!r}: expected a {type(current).__name__}") from None
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields set from strings (typed as the fields they replace)."""
+  out = config.copy_and_resolve_references()
+  for key, raw in overrides.items():
+    *parents, leaf = key.split(".")
+    node = out
+    for part in parents:
+      node = node.get(part) if isinstance(node, (ml_collections.ConfigDict, dict)) else None
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or leaf not in node:
+      raise config_lib.ConfigError(f"override {key}={raw}: the config has no field {key!r}")
+    node[leaf] = _typed(key, raw, node[leaf])
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One measurement: the train step or encoding of `config` on `devices`."""
+
+  kind: str  # 'train' or 'encode'
+  name: str
+  config: ml_collections.ConfigDict
+  devices: tuple[jax.Device, ...]
+  scaling: bool = False
+
+
+def scaling_jobs(config: ml_collections.ConfigDict) -> list[Job]:
+  """The train step on the first n devices of this host for each n of benchmark.scaling, with the same
+  per-device batch (benchmark.per_device_batch, or train.batch_size / jax.device_count())."""
+  b = config.benchmark
+  counts = [int(n) for n in str(b.scaling).split(",") if n.strip()]
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError("benchmark scaling runs on one host; drop 'scaling' from benchmark.what")
+  if not counts or max(counts) > jax.device_count():
+    raise config_lib.ConfigError(
+        f"benchmark.scaling={b.scaling!r}: device counts must lie in 1..{jax.device_count()} (on a CPU, "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count=8 gives 8 devices)")
+  per_device = b.per_device_batch or config.train.batch_size // jax.device_count()
+  return [Job("train", f"{n} devices", with_overrides(config, {"train.batch_size": str(per_device * n)}),
+              tuple(jax.devices()[:n]), scaling=True) for n in counts]
+
+
+def plan(config: ml_collections.ConfigDict) -> list[Job]:
+  """The measurements benchmark.what asks for, each config validated before anything compiles."""
+  b = config.benchmark
+  what = [w.strip() for w in b.what.split(",") if w.strip()]
+  unknown = sorted(set(what) - set(WHAT))
+  if unknown or not what:
+    raise config_lib.ConfigError(f"benchmark.what={b.what!r}: a comma list of {', '.join(WHAT)}")
+  every = tuple(jax.devices())
+  jobs = []
+  if "train" in what:
+    jobs += [Job("train", name, with_overrides(config, overrides), every)
+             for name, overrides in [("config", {})] + parse_variants(b.variants)]
+  if "encode" in what:
+    jobs.append(Job("encode", "encode_doc", config, every))
+  if "scaling" in what:
+    jobs += scaling_jobs(config)
+  for job in jobs:
+    try:
+      config_lib.validate(job.config, len(job.devices), need_data=False)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"benchmark {job.name}: {e}") from None
+  return jobs
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> list[dict]:
+  """Runs the planned measurements; emits each record (process 0) and prints the table; returns them."""
+  records, scaling_base = [], None
+  for job in plan(config):
+    measure_fn = time_train_step if job.kind == "train" else time_encoding
+    record = measure_fn(job.config, job.devices, job.name)
+    if job.scaling:
+      per_device = record["queries_per_s"] / record["devices"]
+      scaling_base = scaling_base or per_device
+      record["scaling_efficiency"] = per_device / scaling_base
+    records.append(record)
+    if jax.process_index() == 0:
+      measure.emit(record, workdir)
+  if jax.process_index() == 0:
+    print(table(records))
+    print(collectives_table(records))
+  return records
+
+
+# (column, format): items are queries for train steps and passages for encoding; xla/model is XLA's FLOP
+# count over the model FLOPs (above 1 by the elementwise work, and by recomputation under remat).
+_COLUMNS = (("measurement", "{}"), ("devices", "{}"), ("compile_s", "{:.1f}"), ("step_s_p50", "{:.4f}"),
+            ("step_s_p90", "{:.4f}"), ("items/s", "{:.1f}"), ("tokens/s", "{:.0f}"), ("TFLOP/s", "{:.3f}"),
+            ("MFU", "{:.1%}"), ("xla/model", "{:.2f}"), ("temp_MiB", "{:.0f}"), ("peak_MiB", "{:.0f}"),
+            ("scaling", "{:.0%}"))
+
+
+def _cells(r: dict) -> dict:
+  xla = r.get("xla_flops_per_step")
+  return {"measurement": f"{r['benchmark']}: {r['variant']}", "devices": r["devices"],
+          "compile_s": r["compile_s"], "step_s_p50": r["step_s_median"], "step_s_p90": r["step_s_p90"],
+          "items/s": r.get("queries_per_s", r.get("passages_per_s")), "tokens/s": r["tokens_per_s"],
+          "TFLOP/s": r["achieved_flops_per_s"] / 1e12, "MFU": r["mfu"],
+          "xla/model": xla / r["model_flops_per_step"] if xla else None,
+          "temp_MiB": r["compiled_temp_bytes"] / _MiB if "compiled_temp_bytes" in r else None,
+          "peak_MiB": r["runtime_peak_bytes"] / _MiB if r.get("runtime_peak_bytes") else None,
+          "scaling": r.get("scaling_efficiency")}
+
+
+def table(records: Sequence[dict]) -> str:
+  """The records as an aligned text table ('-' where a value is unknown, e.g. MFU on a CPU)."""
+  rows = [[name for name, _ in _COLUMNS]]
+  for r in records:
+    cells = _cells(r)
+    rows.append([fmt.format(cells[name]) if cells[name] is not None else "-" for name, fmt in _COLUMNS])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+  return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                   for row in rows)
+
+
+def collectives_table(records: Sequence[dict]) -> str:
+  """Per train step: each collective kind (count, MiB per device) and what they move."""
+  lines = ["collectives per device and step: kind count (MiB); MiB moved of params / scalars / activations"]
+  for r in records:
+    if "collectives" not in r:
+      continue
+    c = r["collectives"]
+    kinds = ", ".join(f"{kind} {v['count']}x ({v['bytes'] / _MiB:.2f} MiB)"
+                      for kind, v in sorted(c["by_kind"].items()))
+    moved = " / ".join(f"{c['by_content'][k] / _MiB:.2f}" for k in ("params", "scalars", "activations"))
+    lines.append(f"  {r['variant']} ({r['devices']} devices, mesh {r['mesh']}): {kinds or 'none'}; moved {moved}; "
+                 f"activation gathers {c['activation_gathers']}")
+  return "\n".join(lines)

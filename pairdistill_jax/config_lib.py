@@ -120,6 +120,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
     _require(m.pooling in ("cls", "mean"), f"model.pooling must be 'cls' or 'mean', got {m.pooling!r}")
   _require(d.nway >= 2, f"data.nway must be at least 2, got {d.nway}")
   _require(d.max_pairs >= 0, f"data.max_pairs must be >= 0, got {d.max_pairs}")
+  _require(d.num_workers >= 0 and d.prefetch >= 0,
+           f"data.num_workers and data.prefetch must be >= 0, got {d.num_workers} and {d.prefetch}")
+  _require(d.tokenize_workers >= -1, f"data.tokenize_workers must be >= -1 (-1: one per CPU), got "
+           f"{d.tokenize_workers}")
   if need_data and not d.demo:
     for field in ("train", "collection", "queries"):
       path = d[field]

@@ -35,6 +35,54 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message says which field and what to change."""
 
 
+def data_fields(nway: int) -> dict:
+  """Training data and the input pipeline (data/pipeline.py).
+
+  store_dir: where the pre-tokenised stores and compiled training lines are cached (default: a
+  pairdistill_store directory beside the collection); tokenize_workers: processes building a store (-1: one
+  per CPU); num_workers/prefetch: threads assembling batches and batches buffered ahead;
+  same_order_on_every_shard: reproduce the original's loader, where every data-parallel shard read the same
+  examples (with shuffle=False, in file order as there).
+  """
+  return dict(train="", collection="", queries="", nway=nway, max_pairs=16, demo=False, skip_bad_lines=False,
+              store_dir="", tokenize_workers=-1, num_workers=2, prefetch=4, shuffle=True,
+              same_order_on_every_shard=False)
+
+
+def benchmark_fields() -> dict:
+  """--mode=benchmark: the step timed on synthetic batches of the config's shapes, from a random init.
+
+  what: comma list of train|encode|scaling; warmup, then `steps` timed calls; peak_flops: one device's peak
+  FLOP/s for MFU (0: the known chips by device kind); encode_batch: passages per encoding call; scaling:
+  device counts for the scaling report, with per_device_batch queries on each (0: train.batch_size /
+  jax.device_count()); variants: override sets measured after the config itself, ';' between sets, ','
+  inside one, e.g. 'model.remat=full;loss.maxsim_chunk=64'.
+  """
+  return dict(what="train", steps=10, warmup=2, peak_flops=0.0, encode_batch=256, scaling="1,2,4,8",
+              per_device_batch=0, variants="")
+
+
+def eval_fields() -> dict:
+  """What --mode=evaluate (and the periodic dev evaluation) runs on; paths may use {workdir}.
+
+  format 'tsv' (MS MARCO / LoTTE files) or 'beir' (collection = the dataset directory, qrels/<split>.tsv);
+  maxlens 0 keep the model's (BEIR: --config.eval.doc_maxlen=300); index auto|exact|ivfpq for ColBERT
+  (auto: exact up to exact_max_tokens document tokens, then ColBERTv1 IVF-PQ candidates + exact MaxSim),
+  auto|flat|ivfpq for DPR (auto: flat).
+  """
+  return dict(collection="", queries="", qrels="", format="tsv", split="test", k=1000, query_maxlen=0,
+              doc_maxlen=0, batch_size=128, chunk_size=16_384,
+              metrics="nDCG@10,RR@10,R@50,R@100,R@200,R@1000,Success@5", index="auto", nprobe=32,
+              faiss_depth=1024, exact_max_tokens=20_000_000)
+
+
+def demo_eval_fields() -> dict:
+  """The demo's dev queries, written by the demo into WORKDIR/demo_data."""
+  return dict(collection="{workdir}/demo_data/collection.tsv", queries="{workdir}/demo_data/queries.dev.tsv",
+              qrels="{workdir}/demo_data/qrels.dev.tsv", k=100, batch_size=64,
+              metrics="nDCG@10,RR@10,R@50,R@100,Success@5")
+
+
 def has_variant(arg: str | None, name: str) -> bool:
   """Whether the bare word `name` appears in a config argument such as `demo,batch_size=8`."""
   return name in (item.strip() for item in (arg or "").split(","))

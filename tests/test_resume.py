@@ -14,8 +14,8 @@ import pytest
 from pairdistill_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 40
-ARGS = ["--config=configs/colbert.py:demo", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5",
+STEPS = 24
+ARGS = ["--config=configs/colbert.py:demo", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=4",
         "--config.train.log_every=1"]
 
 
@@ -54,7 +54,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, uninterrupted):
   process = start(tmp_path)
-  wait_for_checkpoint(tmp_path, 15)
+  wait_for_checkpoint(tmp_path, 9)
   process.kill()
   process.wait()
   output = finish(start(tmp_path))
@@ -66,7 +66,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, 
 
 def test_sigterm_saves_within_one_step_exits_zero_and_resumes(tmp_path, uninterrupted):
   process = start(tmp_path)
-  wait_for_checkpoint(tmp_path, 10)
+  wait_for_checkpoint(tmp_path, 6)
   process.send_signal(signal.SIGTERM)
   output = finish(process)
   assert "Preempted: saved the checkpoint of step" in output

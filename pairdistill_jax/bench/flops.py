@@ -5,7 +5,9 @@ train step counts 3× the forward pass: the backward pass computes, for each for
 same size (the gradients of both operands). Not counted, following the model-FLOP convention of MFU:
 embedding lookups (gathers), elementwise work (LayerNorm, GELU, softmax, dropout, masks, the losses over
 the B×G·N score matrix, AdamW) and rematerialised recomputation. XLA's cost analysis counts the
-elementwise work as well, so it reads a few percent higher (more for tiny hidden sizes).
+elementwise work and the recomputation as well, so it reads a few percent higher (more for tiny hidden
+sizes, up to a third more under full remat); it counts a loop body once, so it reads lower with chunked MaxSim
+or gradient accumulation.
 """
 
 from __future__ import annotations

@@ -234,3 +234,37 @@ def _swap_in(new: pathlib.Path, target: pathlib.Path) -> None:
     os.replace(old, target)
     raise
   shutil.rmtree(old)
+
+
+def import_cross_encoder(directory: PathLike) -> tuple[BertConfig, int, dict]:
+  """(config, num_labels, CrossEncoder params) of a HF BertForSequenceClassification directory.
+
+  num_labels is the classifier's output count; config.json's num_labels / id2label, where present,
+  must agree with it.
+  """
+  d = pathlib.Path(directory)
+  config, bert_params, extra = import_bert(d)
+  weight, bias = extra.pop("classifier.weight", None), extra.pop("classifier.bias", None)
+  if weight is None or bias is None:
+    raise ValueError(f"{d}: no classifier.weight / classifier.bias tensors: not a sequence-"
+                     f"classification checkpoint; point at a BertForSequenceClassification directory "
+                     f"(e.g. cross-encoder/ms-marco-MiniLM-L-6-v2), not a plain BertModel.")
+  if extra:
+    raise ValueError(f"{d}: cannot place these tensors in a CrossEncoder: {sorted(extra)}")
+  num_labels = weight.shape[0]
+  if weight.shape != (num_labels, config.hidden_size) or bias.shape != (num_labels,):
+    raise ValueError(f"{d}: classifier.weight {weight.shape} and classifier.bias {bias.shape} do "
+                     f"not fit a classifier (num_labels, {config.hidden_size}) / (num_labels,).")
+  if not config.add_pooling_layer:
+    raise ValueError(f"{d}: no pooler weights; BertForSequenceClassification classifies the pooled "
+                     f"[CLS], so the checkpoint must hold bert.pooler.dense.*.")
+  hf_config = json.loads((d / CONFIG).read_text())
+  declared = {"num_labels": hf_config.get("num_labels"),
+              "id2label": len(hf_config["id2label"]) if "id2label" in hf_config else None}
+  wrong = {k: v for k, v in declared.items() if v is not None and v != num_labels}
+  if wrong:
+    raise ValueError(f"{d}: {CONFIG} declares {wrong} labels but classifier.weight has "
+                     f"{num_labels} rows; fix {CONFIG} or the weights.")
+  classifier = {"kernel": np.ascontiguousarray(weight.T, dtype=np.float32),
+                "bias": np.ascontiguousarray(bias, dtype=np.float32)}
+  return config, num_labels, {"bert": bert_params, "classifier": classifier}

@@ -1,0 +1,1 @@
+"""Teachers: input building, pointwise and pairwise scoring, pair selection, training lines."""

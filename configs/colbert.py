@@ -40,6 +40,9 @@ def get_config(arg=None):
   c.sharding_rules = config_lib.SHARDING_RULES
   c.benchmark = config_lib.benchmark_fields()  # --mode=benchmark, see config_lib.benchmark_fields
   c.eval = config_lib.eval_fields()  # --mode=evaluate and dev evaluation, see config_lib.eval_fields
+  c.mine = config_lib.mine_fields()  # --mode=mine, see config_lib.mine_fields
+  c.teacher = config_lib.teacher_fields(arg.nway, 16)  # --mode=score, see config_lib.teacher_fields
+  c.rounds = dict(count=2)  # --mode=rounds: round 1 trains on data.train, each later one mines, scores, trains
 
   if demo:
     c.model.update(dim=32, query_maxlen=16, doc_maxlen=48, dtype="float32", bert=config_lib.bert_demo())
@@ -48,4 +51,6 @@ def get_config(arg=None):
     c.optim.update(lr=5e-4, warmup_steps=20)
     c.train.update(log_every=10, checkpoint_every=50)
     c.eval.update(config_lib.demo_eval_fields())
+    c.teacher.n_pairs = c.data.max_pairs
+    config_lib.demo_teacher_overrides(c)
   return c

@@ -132,7 +132,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
   tx = state_lib.optimizer(config)
   init = functools.partial(state_lib.init_boxed, model, tx, config)
   like = nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   state, _ = checkpointer.restore(step, like, jax.tree.map(lambda _: device, like))
   checkpointer.close()
   return TrainedModel(config, bert_config, jax.tree.map(np.asarray, state.params), str(info / "tokenizer"),

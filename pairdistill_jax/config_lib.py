@@ -52,14 +52,16 @@ def data_fields(nway: int) -> dict:
 def benchmark_fields() -> dict:
   """--mode=benchmark: the step timed on synthetic batches of the config's shapes, from a random init.
 
-  what: comma list of train|encode|scaling; warmup, then `steps` timed calls; peak_flops: one device's peak
+  what: comma list of train|encode|scaling|teacher; warmup, then `steps` timed calls; peak_flops: one device's peak
   FLOP/s for MFU (0: the known chips by device kind); encode_batch: passages per encoding call; scaling:
   device counts for the scaling report, with per_device_batch queries on each (0: train.batch_size /
   jax.device_count()); variants: override sets measured after the config itself, ';' between sets, ','
-  inside one, e.g. 'model.remat=full;loss.maxsim_chunk=64'.
+  inside one, e.g. 'model.remat=full;loss.maxsim_chunk=64'. teacher (bench/teacher.py): config.teacher's
+  throughput on teacher_items synthetic texts of teacher_query_words / teacher_passage_words words.
   """
   return dict(what="train", steps=10, warmup=2, peak_flops=0.0, encode_batch=256, scaling="1,2,4,8",
-              per_device_batch=0, variants="")
+              per_device_batch=0, variants="", teacher_items=512, teacher_query_words=8,
+              teacher_passage_words=60)
 
 
 def eval_fields() -> dict:
@@ -81,6 +83,48 @@ def demo_eval_fields() -> dict:
   return dict(collection="{workdir}/demo_data/collection.tsv", queries="{workdir}/demo_data/queries.dev.tsv",
               qrels="{workdir}/demo_data/qrels.dev.tsv", k=100, batch_size=64,
               metrics="nDCG@10,RR@10,R@50,R@100,Success@5")
+
+
+def mine_fields() -> dict:
+  """--mode=mine: the top-k passages of each training query (data.queries / data.collection unless set).
+
+  model: the retriever ('' = the workdir's checkpoint, else init.checkpoint / init.pretrained); the rest as
+  in eval_fields. The run goes to `output` (may use {workdir}).
+  """
+  return dict(queries="", collection="", output="{workdir}/mine/run.trec", model="", k=100, query_maxlen=0,
+              doc_maxlen=0, batch_size=128, chunk_size=16_384, index="auto", nprobe=32, faiss_depth=1024,
+              exact_max_tokens=20_000_000)
+
+
+def _teacher(kind: str, max_length: int, batch_per_device: int) -> dict:
+  return dict(kind=kind, model="", tokenizer="", max_length=max_length, dtype="bfloat16",
+              batch_per_device=batch_per_device)
+
+
+def teacher_fields(nway: int, n_pairs: int) -> dict:
+  """--mode=score: teacher scores of `run` written as training lines to `output` (DESIGN §2.6).
+
+  top_n passages of each query are scored pointwise; the best `nway` become the line; pairs come from its
+  top `topk` with j - i <= max_distance, `n_pairs` sampled with `seed`. pointwise.kind: cross_encoder |
+  monot5 | retriever (model '' = the mining model); pairwise.kind: duot5 | duobert | pointwise (log
+  sigmoid of the pointwise margins) | none. model / tokenizer: local directories; max_length: tokens per
+  input; batch_per_device: rows per batch shard. Inputs are padded to multiples of bucket_multiple;
+  chunk_queries queries are scored and saved at a time (the resume unit). mesh: the teachers' own mesh (a 3B
+  duoT5 wants fsdp/tensor axes).
+  """
+  return dict(run="{workdir}/mine/run.trec", queries="", collection="", output="{workdir}/score/train.jsonl",
+              top_n=100, nway=nway, topk=20, max_distance=5, n_pairs=n_pairs, seed=0, chunk_queries=1024,
+              bucket_multiple=32, mesh=dict(data=-1, fsdp=1, tensor=1),
+              pointwise=_teacher("cross_encoder", 180, 128), pairwise=_teacher("duot5", 360, 16))
+
+
+def demo_teacher_overrides(c: ml_collections.ConfigDict) -> None:
+  """The demo has no cross-encoder weights: the mining student is the pointwise teacher, and the pairwise
+  preferences are the log-sigmoids of its margins (the loop runs end to end, it does not get a better teacher)."""
+  c.mine.update(k=40, batch_size=64)
+  c.teacher.update(top_n=40, chunk_queries=128)
+  c.teacher.pointwise.update(kind="retriever", max_length=0, dtype="float32", batch_per_device=16)
+  c.teacher.pairwise.update(kind="pointwise", dtype="float32")
 
 
 def has_variant(arg: str | None, name: str) -> bool:

@@ -6,9 +6,14 @@
   --mode=evaluate     evaluate the workdir's latest checkpoint, or --model_dir (a stanford ColBERT / HF /
                       sentence-transformers directory, --pooling=cls|mean), on config.eval; writes
                       WORKDIR/eval/run.trec and metrics.json and prints the metrics table
-  --mode=benchmark    time the train step (and encoding, scaling over devices, variants: config.benchmark) on
-                      synthetic batches; prints BENCHMARK {json} lines, appends them to WORKDIR/benchmark.jsonl
-  --mode=mine|score   not built yet: they exit with a message saying so
+  --mode=benchmark    time the train step (and encoding, scaling over devices, variants, the teachers'
+                      throughput: config.benchmark) on synthetic batches; prints BENCHMARK {json} lines, appends them to WORKDIR/benchmark.jsonl
+  --mode=mine         retrieve the top config.mine.k passages of every training query with the workdir's
+                      student (or config.mine.model); writes config.mine.output (a TREC run)
+  --mode=score        teacher-score that run (pointwise top-n, pair selection, pairwise) into PairDistill
+                      training lines at config.teacher.output; resumable by chunks
+  --mode=rounds       PairDistill's iterative rounds (config.rounds.count) in WORKDIR/round_<r>: round 1
+                      trains on data.train, every later round mines, scores and trains from the previous one
 
 Any config field can be overridden: `--config.optim.lr=2e-5 --config.train.batch_size=64`.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import sys
 
 import jax
@@ -27,11 +33,7 @@ from ml_collections import config_flags
 
 from pairdistill_jax import config_lib, distributed
 
-MODES = ("train", "evaluate", "export", "mine", "score", "benchmark")
-NOT_BUILT = {
-    "mine": "mining with a student retriever",
-    "score": "teacher scoring and pair selection",
-}
+MODES = ("train", "evaluate", "export", "mine", "score", "rounds", "benchmark")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/colbert.py:demo.",
                                           lock_config=True)
@@ -74,8 +76,6 @@ def main(argv: list[str]) -> int:
   if config is None:
     fail("--config is required, e.g. --config=configs/colbert.py:demo")
   mode = _MODE.value
-  if mode in NOT_BUILT:
-    fail(f"--mode={mode} ({NOT_BUILT[mode]}) is not built yet; available: --mode=train")
   if not _WORKDIR.value:
     fail("--workdir is required")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -85,17 +85,62 @@ def main(argv: list[str]) -> int:
     return run_evaluate(config, _WORKDIR.value)
   if mode == "benchmark":
     return run_benchmark(config, _WORKDIR.value)
+  if mode in ("mine", "score"):
+    return run_teacher_stage(config, _WORKDIR.value, mode)
   try:
     config_lib.validate(config, jax.device_count())
   except config_lib.ConfigError as e:
     fail(f"invalid config: {e}")
 
+  if mode == "rounds":
+    return run_rounds(config, _WORKDIR.value)
   from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
   summary = loop.train(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print(format_summary(summary))
     print("SUMMARY " + json.dumps(summary))
   return 0  # also after a preemption: the checkpoint is saved and rerunning resumes
+
+
+def run_teacher_stage(config, workdir: str, mode: str) -> int:
+  """--mode=mine or --mode=score over the training queries and collection (the demo's under :demo)."""
+  from pairdistill_jax.teachers import mining, rounds, score  # noqa: PLC0415
+  from pairdistill_jax.train import loop  # noqa: PLC0415
+
+  stage = config.mine if mode == "mine" else config.teacher
+  paths = loop.data_paths(config, pathlib.Path(workdir))
+  queries, collection = stage.queries or paths.queries, stage.collection or paths.collection
+  try:
+    if mode == "score":
+      score.check_teacher_config(config.teacher)
+    for field, path in (("queries", queries), ("collection", collection)):
+      if not path:
+        raise ValueError(f"{mode}.{field} and data.{field} are empty: set --config.data.{field}=PATH")
+    if mode == "mine":
+      result = mining.mine(config, workdir, queries_path=queries, collection_path=collection)
+    else:
+      result = score.score(config, workdir, queries_path=queries, collection_path=collection,
+                           student=rounds.student_factory(config, workdir))
+  except (FileNotFoundError, ValueError) as e:  # FormatError is a ValueError
+    fail(f"--mode={mode}: {e}")
+  if jax.process_index() == 0:
+    print(f"{mode}: {result.path}" + (" (up to date, skipped)" if result.skipped else ""))
+  return 0
+
+
+def run_rounds(config, workdir: str) -> int:
+  """--mode=rounds: prints each round's training summary."""
+  from pairdistill_jax.teachers import rounds  # noqa: PLC0415
+
+  try:
+    summaries = rounds.run_rounds(config, workdir)
+  except (FileNotFoundError, ValueError) as e:
+    fail(f"--mode=rounds: {e}")
+  if jax.process_index() == 0:
+    for r, summary in enumerate(summaries, 1):
+      print(f"round {r}: " + format_summary(summary))
+    print("ROUNDS " + json.dumps(summaries))
+  return 0
 
 
 def _load_trained(workdir: str, mode: str, hint: str = ""):
@@ -123,9 +168,10 @@ def run_export(workdir: str) -> int:
 def run_benchmark(config, workdir: str) -> int:
   """--mode=benchmark: the measurements of config.benchmark (pairdistill_jax.bench.runner)."""
   from pairdistill_jax.bench import runner  # noqa: PLC0415
+  from pairdistill_jax.teachers import rounds  # noqa: PLC0415
 
   try:
-    runner.run(config, workdir)
+    runner.run(config, workdir, student=rounds.student_factory(config, workdir))
   except config_lib.ConfigError as e:
     fail(f"invalid config: {e}")
   return 0

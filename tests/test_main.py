@@ -35,6 +35,14 @@ def test_colbert_demo_loss_falls_and_pair_agreement_rises(tmp_path):
               "step_time"):
     assert key in records[-1]
   assert any((tmp_path / "tensorboard").iterdir())
+  # The trained workdir mines its training queries, then its student scores the run as the teacher.
+  small = ["--config=configs/colbert.py:demo", "--config.mine.k=10", "--config.teacher.top_n=10"]
+  mined = run_main(*small, "--mode=mine", workdir=tmp_path)
+  assert mined.returncode == 0 and "mine: " in mined.stdout, mined.stderr[-3000:]
+  scored = run_main(*small, "--mode=score", workdir=tmp_path)
+  assert scored.returncode == 0 and "score: " in scored.stdout, scored.stderr[-3000:]
+  lines = (tmp_path / "score" / "train.jsonl").read_text().splitlines()
+  assert len(lines) == 600 and all(len(json.loads(line)) == 1 + 8 for line in lines)
 
 
 def test_dpr_demo_runs_to_completion(tmp_path):
@@ -52,6 +60,10 @@ def test_dpr_demo_runs_to_completion(tmp_path):
     (["--config=configs/colbert.py:demo", "--config.data.prefetch=-1"], "data.prefetch must be >= 0"),
     (["--config=configs/colbert.py"], "data.train is empty"),
     (["--config=configs/colbert.py:demo", "--mode=export"], "--mode=export"),
+    (["--config=configs/colbert.py:demo", "--mode=mine"], "nothing to retrieve with"),
+    (["--config=configs/colbert.py:demo", "--mode=score"], "mine it first (--mode=mine)"),
+    (["--config=configs/colbert.py:demo", "--mode=score", "--config.teacher.nway=64"],
+     "teacher.nway=64 exceeds teacher.top_n=40"),
 ])
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
   result = run_main(*args, workdir=tmp_path)

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import pathlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,12 +23,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pairdistill_jax import config_lib, sharding
 from pairdistill_jax.bench import flops as flops_lib
 from pairdistill_jax.bench import hlo, measure
+from pairdistill_jax.bench import teacher as teacher_bench
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train.step import make_train_step
 
-WHAT = ("train", "encode", "scaling")
+WHAT = ("train", "encode", "scaling", "teacher")  # teacher: bench/teacher.py
 _DEFAULT_VOCAB = 30522  # bert-base's, for configs whose vocab_size is the demo's placeholder 0
 _MiB = 2**20
 
@@ -224,10 +225,15 @@ def scaling_jobs(config: ml_collections.ConfigDict) -> list[Job]:
               tuple(jax.devices()[:n]), scaling=True) for n in counts]
 
 
+def measured(b: ml_collections.ConfigDict) -> list[str]:
+  """The names in benchmark.what."""
+  return [w.strip() for w in b.what.split(",") if w.strip()]
+
+
 def plan(config: ml_collections.ConfigDict) -> list[Job]:
   """The measurements benchmark.what asks for, each config validated before anything compiles."""
   b = config.benchmark
-  what = [w.strip() for w in b.what.split(",") if w.strip()]
+  what = measured(b)
   unknown = sorted(set(what) - set(WHAT))
   if unknown or not what:
     raise config_lib.ConfigError(f"benchmark.what={b.what!r}: a comma list of {', '.join(WHAT)}")
@@ -248,10 +254,22 @@ def plan(config: ml_collections.ConfigDict) -> list[Job]:
   return jobs
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> list[dict]:
-  """Runs the planned measurements; emits each record (process 0) and prints the table; returns them."""
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None,
+        student: Callable | None = None) -> list[dict]:
+  """Runs the planned measurements; emits each record (process 0) and prints the table; returns them.
+
+  student(cfg) builds a retriever teacher for the 'teacher' measurement.
+  """
   records, scaling_base = [], None
-  for job in plan(config):
+  jobs = plan(config)
+  if "teacher" in measured(config.benchmark):
+    teacher_records = teacher_bench.run(config, student)
+    if jax.process_index() == 0:
+      for record in teacher_records:
+        measure.emit(record, workdir)
+      print(teacher_bench.table(teacher_records))
+    records += teacher_records
+  for job in jobs:
     measure_fn = time_train_step if job.kind == "train" else time_encoding
     record = measure_fn(job.config, job.devices, job.name)
     if job.scaling:
@@ -261,9 +279,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = 
     records.append(record)
     if jax.process_index() == 0:
       measure.emit(record, workdir)
-  if jax.process_index() == 0:
-    print(table(records))
-    print(collectives_table(records))
+  step_records = [r for r in records if r["benchmark"] != "teacher"]
+  if jax.process_index() == 0 and step_records:
+    print(table(step_records))
+    print(collectives_table(step_records))
   return records
 
 

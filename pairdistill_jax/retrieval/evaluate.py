@@ -149,30 +149,53 @@ def hits_to_run(qids: list[str], doc_ids: list[str], scores_QxK: np.ndarray, ids
   return run
 
 
+@dataclasses.dataclass
+class Retrieved:
+  """A run ({qid: {docid: score}}, only on process 0), the index kind used and the seconds per stage."""
+
+  run: dict[str, dict[str, float]]
+  index: str
+  seconds: dict[str, float]
+
+
+def retrieve(encoder: Encoder, collection: Mapping[str, str], queries: Mapping[str, str],
+             e: ml_collections.ConfigDict, corpus_dir: str | pathlib.Path, *, drop_self: bool = False) -> Retrieved:
+  """Encodes the collection (resumably, into corpus_dir) and the queries; searches the best `e.k` per query.
+
+  Every process helps encode; only process 0 searches (the others get an empty run).
+  """
+  start = time.perf_counter()
+  doc_ids = list(collection)
+  store = corpus.encode_corpus(encoder, [collection[d] for d in doc_ids], corpus_dir,
+                               batch_size=e.batch_size, chunk_size=e.chunk_size)
+  encoded = time.perf_counter()
+  qids = list(queries)
+  queries_encoded = encoder.encode_queries([queries[q] for q in qids], e.batch_size)
+  options = _search_options(e)
+  index = options.resolve(store)
+  seconds = {"encode_corpus": encoded - start, "encode_queries": time.perf_counter() - encoded}
+  if jax.process_index() != 0:
+    return Retrieved({}, index, seconds)
+  searched = time.perf_counter()
+  scores, ids = search.search(queries_encoded, store, e.k + int(drop_self), options, encoder.mesh)
+  seconds["search"] = time.perf_counter() - searched
+  return Retrieved(hits_to_run(qids, doc_ids, scores, ids, e.k, drop_self), index, seconds)
+
+
 def evaluate(encoder: Encoder, data: EvalData, e: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
              *, extra: Mapping[str, Any] | None = None) -> EvalResult:
   """Encodes, searches, writes OUT_DIR/run.trec and metrics.json; returns the metrics (empty off process 0)."""
   out_dir = pathlib.Path(out_dir)
   start = time.perf_counter()
-  doc_ids = list(data.collection)
-  store = corpus.encode_corpus(encoder, [data.collection[d] for d in doc_ids], out_dir / "corpus",
-                               batch_size=e.batch_size, chunk_size=e.chunk_size)
-  encoded = time.perf_counter()
-  qids = list(data.queries)
-  queries = encoder.encode_queries([data.queries[q] for q in qids], e.batch_size)
-  options = _search_options(e)
-  index = options.resolve(store)
-  seconds = {"encode_corpus": encoded - start, "encode_queries": time.perf_counter() - encoded}
+  retrieved = retrieve(encoder, data.collection, data.queries, e, out_dir / "corpus", drop_self=data.drop_self)
+  seconds, index = retrieved.seconds, retrieved.index
   if jax.process_index() != 0:
-    return EvalResult({}, encoder.name, len(data.qrels), len(doc_ids), index, dict(seconds, total=0.0), out_dir)
-  searched = time.perf_counter()
-  scores, ids = search.search(queries, store, e.k + int(data.drop_self), options, encoder.mesh)
-  run = hits_to_run(qids, doc_ids, scores, ids, e.k, data.drop_self)
-  seconds["search"] = time.perf_counter() - searched
-  formats.write_run(out_dir / RUN_FILE, run)
-  values = metrics.compute_metrics(run, data.qrels, e.metrics)
+    return EvalResult({}, encoder.name, len(data.qrels), len(data.collection), index, dict(seconds, total=0.0),
+                      out_dir)
+  formats.write_run(out_dir / RUN_FILE, retrieved.run)
+  values = metrics.compute_metrics(retrieved.run, data.qrels, e.metrics)
   seconds["total"] = time.perf_counter() - start
-  result = EvalResult(values, encoder.name, len(data.qrels), len(doc_ids), index, seconds, out_dir)
+  result = EvalResult(values, encoder.name, len(data.qrels), len(data.collection), index, seconds, out_dir)
   with formats.atomic_write(out_dir / METRICS_FILE) as f:
     json.dump({"metrics": values, "model": encoder.name, "queries": result.num_queries,
                "documents": result.num_docs, "index": index, "k": e.k, "seconds": seconds,

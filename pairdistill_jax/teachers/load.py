@@ -1,0 +1,158 @@
+"""Teachers from `config.teacher.pointwise` / `.pairwise`: local weights -> `runner.Teacher`.
+
+  pointwise  cross_encoder  BertForSequenceClassification: 1 label -> its logit (ms-marco-MiniLM-L-6-v2);
+                            2 labels -> log-softmax of label 1 (monoBERT)
+             monot5         T5: log P("true") of `Query: q Document: d Relevant:` (log-softmax over true/false)
+             retriever      a student: a workdir of ours, a stanford ColBERT or an HF / sentence-transformers
+                            bi-encoder directory; '' = the model being mined with (config.init / the workdir)
+  pairwise   duot5          T5: log P("true") of `Query: q Document0: d_i Document1: d_j Relevant:`
+             duobert        BertForSequenceClassification, 2 labels: log-softmax of label 1 (d_i beats d_j)
+Nothing is downloaded: `model` is a local directory (e.g. fetched with `huggingface-cli download`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pairdistill_jax.convert import hf_io, t5_table
+from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer
+from pairdistill_jax.models.cross_encoder import CrossEncoder
+from pairdistill_jax.models.students import l2_normalize
+from pairdistill_jax.models.t5 import T5Scorer
+from pairdistill_jax.retrieval.encoders import Encoder, host_tree
+from pairdistill_jax.teachers import inputs
+from pairdistill_jax.teachers.runner import Teacher
+
+POINTWISE_KINDS = ("cross_encoder", "monot5", "retriever")
+PAIRWISE_KINDS = ("duot5", "duobert", "pointwise", "none")  # pointwise: log σ(t_i − t_j) of the pointwise teacher
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+_log = logging.getLogger(__name__)
+
+
+def _model_dir(cfg: ml_collections.ConfigDict, role: str) -> pathlib.Path:
+  path = pathlib.Path(cfg.model)
+  if not cfg.model or not path.is_dir():
+    raise FileNotFoundError(
+        f"teacher.{role}.model={cfg.model!r} is not a local directory. Nothing is downloaded at run time: "
+        f"fetch the teacher beforehand (e.g. `huggingface-cli download castorini/duot5-3b-msmarco --local-dir "
+        f"DIR`) and pass --config.teacher.{role}.model=DIR")
+  return path
+
+
+def _abstract(module, *shapes: tuple[int, int]):
+  """Boxed abstract parameters (with their logical axes) of `module` for int inputs of `shapes`."""
+  args = [jax.ShapeDtypeStruct(s, jnp.int32) for s in shapes]
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"]
+
+
+def cross_encoder(cfg: ml_collections.ConfigDict, role: str) -> Teacher:
+  """A BERT cross-encoder: pointwise (1 label, or 2 as monoBERT) or duoBERT (2 labels)."""
+  directory = _model_dir(cfg, role)
+  bert_config, num_labels, params = hf_io.import_cross_encoder(directory)
+  pairwise = role == "pairwise"
+  if pairwise and num_labels != 2:
+    raise ValueError(f"{directory}: a duoBERT teacher needs 2 labels, this classifier has {num_labels}")
+  if num_labels not in (1, 2):
+    raise ValueError(f"{directory}: a pointwise cross-encoder needs 1 or 2 labels, found {num_labels}")
+  tokenizer = load_tokenizer(cfg.tokenizer or directory)
+  module = CrossEncoder(bert_config, num_labels, dtype=_DTYPES[cfg.dtype])
+
+  def encode(texts: Sequence[tuple[str, ...]]):
+    columns = list(zip(*texts))
+    if pairwise:
+      return inputs.duobert_inputs(tokenizer, *columns, max_length=cfg.max_length,
+                                   type_vocab_size=bert_config.type_vocab_size)
+    return inputs.cross_encoder_inputs(tokenizer, *columns, max_length=cfg.max_length)
+
+  def apply(p, batch):
+    logits_BxC = module.apply({"params": p}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return logits_BxC[:, 0] if num_labels == 1 else jax.nn.log_softmax(logits_BxC, axis=-1)[:, 1]
+
+  shape = (1, 8)
+  return Teacher(f"{'duobert' if pairwise else 'cross_encoder'}:{directory.name}", encode, apply, params,
+                 _abstract(module, shape, shape, shape), {"input_ids": tokenizer.pad_token_id or 0})
+
+
+def t5(cfg: ml_collections.ConfigDict, role: str) -> Teacher:
+  """monoT5 (pointwise) or duoT5 (pairwise): log P("true") from one decoder step."""
+  directory = _model_dir(cfg, role)
+  t5_config, params = t5_table.import_t5(directory)
+  tokenizer = inputs.load_t5_tokenizer(cfg.tokenizer or directory)
+  module = T5Scorer(t5_config, dtype=_DTYPES[cfg.dtype])
+  builder = inputs.duot5_inputs if role == "pairwise" else inputs.monot5_inputs
+  token_ids = (inputs.T5_TRUE_ID, inputs.T5_FALSE_ID)
+
+  def encode(texts: Sequence[tuple[str, ...]]):
+    return builder(tokenizer, *zip(*texts), max_length=cfg.max_length)
+
+  def apply(p, batch):
+    logits_Bx2 = module.apply({"params": p}, batch["input_ids"], batch["attention_mask"], token_ids=token_ids)
+    return inputs.true_false_log_probs(logits_Bx2)[:, 0]
+
+  shape = (1, 8)
+  return Teacher(f"{'duot5' if role == 'pairwise' else 'monot5'}:{directory.name}", encode, apply, params,
+                 _abstract(module, shape, shape), {"input_ids": tokenizer.pad_token_id or 0})
+
+
+def retriever(encoder: Encoder) -> Teacher:
+  """A student retriever as the pointwise teacher: its MaxSim (ColBERT) or dot product (DPR) score."""
+  tok = encoder.tokenizer
+  module = encoder.module
+  colbert = isinstance(tok, ColBERTTokenizer)
+
+  def encode(texts: Sequence[tuple[str, ...]]):
+    queries, passages = (list(c) for c in zip(*texts))
+    q, d = tok.encode_queries(queries), tok.encode_docs(passages)
+    q_lengths = np.full(len(texts), q["ids"].shape[1]) if colbert else q["mask"].sum(1)
+    d_lengths = d["mask"].sum(1)
+    items = []
+    for i in range(len(texts)):
+      item = {"q_ids": q["ids"][i, :q_lengths[i]], "q_mask": q["mask"][i, :q_lengths[i]],
+              "d_ids": d["ids"][i, :d_lengths[i]], "d_mask": d["mask"][i, :d_lengths[i]]}
+      if colbert:  # every query vector counts ([MASK] augmentation); padding added by the runner does not
+        item["q_score_mask"] = np.ones(q_lengths[i], np.int32)
+        item["d_score_mask"] = d["score_mask"][i, :d_lengths[i]]
+      items.append(item)
+    return items
+
+  def apply(p, batch):
+    q = module.apply({"params": p}, batch["q_ids"], batch["q_mask"], method=module.encode_query)
+    d = module.apply({"params": p}, batch["d_ids"], batch["d_mask"], method=module.encode_doc)
+    if colbert:
+      sim_BxQxD = jnp.einsum("bqh,bdh->bqd", q, d, preferred_element_type=jnp.float32)
+      sim_BxQxD = jnp.where(batch["d_score_mask"][:, None, :] > 0, sim_BxQxD, -1e4)
+      return (sim_BxQxD.max(-1) * batch["q_score_mask"]).sum(-1)
+    if encoder.normalize:
+      q, d = l2_normalize(q), l2_normalize(d)
+    return jnp.einsum("bh,bh->b", q.astype(jnp.float32), d.astype(jnp.float32))
+
+  shape = (1, 8)
+  pad = tok.tokenizer.pad_token_id or 0
+  return Teacher(f"retriever:{encoder.name}", encode, apply, host_tree(encoder.params),
+                 _abstract(module, shape, shape, shape, shape),
+                 {"q_ids": pad, "d_ids": pad})
+
+
+def load(cfg: ml_collections.ConfigDict, role: str, student: functools.partial | None = None) -> Teacher:
+  """The teacher of `config.teacher.<role>`; `student()` gives the mining model's Encoder for a retriever ''."""
+  kinds = POINTWISE_KINDS if role == "pointwise" else PAIRWISE_KINDS
+  if cfg.kind not in kinds:
+    raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {cfg.kind!r}")
+  if cfg.dtype not in _DTYPES:
+    raise ValueError(f"teacher.{role}.dtype must be one of {tuple(_DTYPES)}, got {cfg.dtype!r}")
+  if cfg.kind in ("cross_encoder", "duobert"):
+    return cross_encoder(cfg, role)
+  if cfg.kind in ("monot5", "duot5"):
+    return t5(cfg, role)
+  if cfg.kind == "retriever":
+    return retriever(student(cfg))
+  raise ValueError(f"teacher.{role}.kind={cfg.kind!r} has no model")

@@ -1,0 +1,97 @@
+"""--mode=mine: the top-k passages of every training query, retrieved with a student, as a TREC run.
+
+The retriever is `config.mine.model` when set (a workdir of ours, a stanford ColBERT or an HF /
+sentence-transformers bi-encoder directory), else the workdir's own latest checkpoint, else the model the
+config starts from (`init.checkpoint`, then `init.pretrained`). The corpus embeddings are kept in
+MINE_DIR/corpus (resumable); the run is skipped when the one on disk came from the same model and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import ml_collections
+
+from pairdistill_jax import checkpoint, distributed
+from pairdistill_jax.convert import students
+from pairdistill_jax.data import formats
+from pairdistill_jax.retrieval import encoders, evaluate
+from pairdistill_jax.retrieval.encoders import Encoder
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Mined:
+  path: pathlib.Path
+  num_queries: int
+  num_docs: int
+  model: str
+  seconds: float
+  skipped: bool = False
+
+
+def resolve(template: str, workdir: str | pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(template.format(workdir=workdir))
+
+
+def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, model: str = "", *,
+                    query_maxlen: int = 0, doc_maxlen: int = 0) -> Encoder:
+  """The retriever named by `model`, else the workdir's checkpoint, else the config's initial weights."""
+  if not model:
+    try:
+      return _trained_encoder(checkpoint.load_trained(workdir), query_maxlen, doc_maxlen)
+    except FileNotFoundError:
+      field, model = students.init_source(config)
+      if not field:
+        raise FileNotFoundError(
+            f"nothing to retrieve with: {workdir} holds no checkpoint and the config starts from random "
+            f"weights; train first, or set --config.mine.model (or init.checkpoint / init.pretrained) to a "
+            f"model directory") from None
+  if not pathlib.Path(model).is_dir():
+    raise FileNotFoundError(f"retriever {model!r} is not a local directory (nothing is downloaded at run time)")
+  if students.is_workdir(model):
+    return _trained_encoder(checkpoint.load_trained(model), query_maxlen, doc_maxlen)
+  return encoders.from_model_dir(model, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
+
+
+def _trained_encoder(trained: checkpoint.TrainedModel, query_maxlen: int, doc_maxlen: int) -> Encoder:
+  return encoders.from_params(trained.config.model, trained.bert_config, trained.params, trained.tokenizer_dir,
+                              query_maxlen=query_maxlen, doc_maxlen=doc_maxlen,
+                              name=f"{trained.config.model.kind}@{trained.step}")
+
+
+def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, queries_path: str,
+         collection_path: str) -> Mined:
+  """Retrieves `config.mine.k` passages per query of `queries_path` from `collection_path`; writes the run."""
+  m = config.mine
+  start = time.perf_counter()
+  out = resolve(m.output, workdir)
+  encoder = student_encoder(config, workdir, m.model, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
+  settings = {"model": encoder.name, "fingerprint": encoder.fingerprint, "queries": str(queries_path),
+              "collection": str(collection_path), "k": m.k, "index": m.index, "nprobe": m.nprobe,
+              "faiss_depth": m.faiss_depth}
+  sidecar = out.with_name(out.name + ".json")
+  if out.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == settings:
+    _log.info("Mining: %s is up to date (same model and settings); skipped", out)
+    return Mined(out, -1, -1, encoder.name, 0.0, skipped=True)
+  collection = formats.read_collection(collection_path)
+  queries = formats.read_queries(queries_path)
+  _log.info("Mining the top %d of %d queries (%s) over %d passages (%s) with %s", m.k, len(queries),
+            queries_path, len(collection), collection_path, encoder.name)
+  retrieved = evaluate.retrieve(encoder, collection, queries, m, out.parent / "corpus")
+  if jax.process_index() == 0:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    formats.write_run(out, retrieved.run, tag="pairdistill-mine")
+    with formats.atomic_write(sidecar) as f:
+      json.dump(settings, f, indent=2)
+  distributed.barrier("mined run written")
+  seconds = time.perf_counter() - start
+  _log.info("Mined %s in %.1f s (%s)", out, seconds,
+            ", ".join(f"{k} {v:.1f} s" for k, v in retrieved.seconds.items()))
+  return Mined(out, len(queries), len(collection), encoder.name, seconds)

@@ -1,0 +1,248 @@
+"""--mode=score: teacher scores for a run, written as PairDistill training lines (DESIGN §2.3, §2.6).
+
+For each query of the run (in the run's order): the pointwise teacher scores its top `top_n` passages; the
+best `nway` by that score (ties: run order) become the line's entries; pairs are selected among its top
+`topk` (`pairs.select_pairs`) and scored by the pairwise teacher (log P(entry i beats entry j), i ranked
+higher). Queries are processed `chunk_queries` at a time; each finished chunk is written to
+OUTPUT.chunks/NNNNNN.jsonl, so a crash loses at most the chunk in progress and a rerun with the same settings
+carries on. The chunks are joined into OUTPUT at the end. Every process computes; process 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from pairdistill_jax import distributed, sharding
+from pairdistill_jax.data import formats
+from pairdistill_jax.retrieval import metrics
+from pairdistill_jax.teachers import load, pairs
+from pairdistill_jax.teachers.mining import resolve
+from pairdistill_jax.teachers.runner import ShardedScorer, Teacher
+
+CHUNKS_SUFFIX = ".chunks"
+MANIFEST = "manifest.json"
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Scored:
+  path: pathlib.Path
+  num_queries: int
+  num_pairs: int
+  seconds: float
+  passages_per_second: float
+  pairs_per_second: float
+  skipped: bool = False
+
+
+def check_teacher_config(t: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the `teacher.*` field to change."""
+  for field in ("top_n", "nway", "topk", "max_distance", "chunk_queries", "bucket_multiple"):
+    if t[field] < 1:
+      raise ValueError(f"teacher.{field} must be >= 1, got {t[field]}")
+  if t.n_pairs < 0:
+    raise ValueError(f"teacher.n_pairs must be >= 0, got {t.n_pairs}")
+  if t.nway > t.top_n:
+    raise ValueError(f"teacher.nway={t.nway} exceeds teacher.top_n={t.top_n}: the lines keep the best nway of "
+                     f"the top_n scored passages")
+  for role, kinds in (("pointwise", load.POINTWISE_KINDS), ("pairwise", load.PAIRWISE_KINDS)):
+    if t[role].kind not in kinds:
+      raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {t[role].kind!r}")
+    if t[role].batch_per_device < 1:
+      raise ValueError(f"teacher.{role}.batch_per_device must be >= 1, got {t[role].batch_per_device}")
+
+
+def _file_digest(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries_path: str, collection_path: str,
+             pointwise_name: str) -> dict:
+  """What the output depends on; chunks of other settings are never mixed into it."""
+  roles = {role: {k: t[role][k] for k in ("kind", "model", "tokenizer", "max_length", "dtype", "batch_per_device")}
+           for role in ("pointwise", "pairwise")}
+  roles["pointwise"]["resolved"] = pointwise_name
+  return {"run": str(run_path), "run_sha256": _file_digest(run_path), "queries": str(queries_path),
+          "collection": str(collection_path), **roles,
+          **{k: t[k] for k in ("top_n", "nway", "topk", "max_distance", "n_pairs", "seed", "chunk_queries",
+                               "bucket_multiple")}}
+
+
+def _ranked_candidates(run: dict[str, dict[str, float]], top_n: int) -> list[tuple[str, list[str]]]:
+  return [(qid, [doc for doc, _ in metrics.ranked(scored)[:top_n]]) for qid, scored in run.items()]
+
+
+def _check_ids(candidates, queries, collection, run_path, queries_path, collection_path) -> None:
+  for qid, pids in candidates:
+    if qid not in queries:
+      raise ValueError(f"{run_path}: query {qid!r} is not in {queries_path}")
+    for pid in pids:
+      if pid not in collection:
+        raise ValueError(f"{run_path}: passage {pid!r} (query {qid!r}) is not in {collection_path}")
+
+
+def _chunk_path(directory: pathlib.Path, index: int) -> pathlib.Path:
+  return directory / f"{index:06d}.jsonl"
+
+
+def _done_chunks(directory: pathlib.Path, count: int) -> np.ndarray:
+  """Which chunks are on disk, as process 0 sees them (the same answer on every process)."""
+  done = np.array([_chunk_path(directory, i).exists() for i in range(count)], dtype=np.int32)
+  if jax.process_count() > 1:
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return done.astype(bool)
+
+
+def _prepare_chunks(directory: pathlib.Path, manifest: dict) -> None:
+  if jax.process_index() == 0:
+    path = directory / MANIFEST
+    if path.exists():
+      old = json.loads(path.read_text())
+      if old != manifest:
+        changed = sorted(k for k in manifest.keys() | old.keys() if old.get(k) != manifest.get(k))
+        raise ValueError(f"{directory} holds chunks scored with other settings (differing: {', '.join(changed)}); "
+                         f"delete it to start over, or set --config.teacher.output elsewhere")
+    else:
+      directory.mkdir(parents=True, exist_ok=True)
+      with formats.atomic_write(path) as f:
+        json.dump(manifest, f, indent=2)
+  distributed.barrier("score chunks prepared")
+
+
+class _Teachers:
+  """The pointwise and pairwise scorers (or the pointwise-margin rule) on one mesh."""
+
+  def __init__(self, t: ml_collections.ConfigDict, pointwise: Teacher, pairwise: Teacher | None,
+               mesh: jax.sharding.Mesh, rules: sharding.Rules):
+    self.pointwise = ShardedScorer(pointwise, mesh, rules, batch_per_device=t.pointwise.batch_per_device,
+                                   bucket_multiple=t.bucket_multiple)
+    self.pairwise = None if pairwise is None else ShardedScorer(
+        pairwise, mesh, rules, batch_per_device=t.pairwise.batch_per_device, bucket_multiple=t.bucket_multiple)
+
+
+def _score_chunk(chunk: Sequence[tuple[str, list[str]]], queries, collection, teachers: _Teachers,
+                 t: ml_collections.ConfigDict) -> list[formats.TrainingExample]:
+  """Training lines of one chunk of (qid, candidate pids)."""
+  point_texts = [(queries[qid], collection[pid]) for qid, pids in chunk for pid in pids]
+  point_scores = teachers.pointwise.score(teachers.pointwise.teacher.encode(point_texts))
+  lines, offset = [], 0
+  for qid, pids in chunk:
+    scores = point_scores[offset:offset + len(pids)]
+    offset += len(pids)
+    order = np.argsort(-scores, kind="stable")[:t.nway]
+    selected = pairs.select_pairs(qid, len(order), topk=t.topk, max_distance=t.max_distance,
+                                  n_pairs=t.n_pairs, seed=t.seed) if t.pairwise.kind != "none" else []
+    lines.append((qid, [pids[o] for o in order], scores[order], selected))
+  logps = _pair_log_probs(lines, queries, collection, teachers)
+  examples, offset = [], 0
+  for qid, line_pids, line_scores, selected in lines:
+    line_logps = logps[offset:offset + len(selected)]
+    offset += len(selected)
+    examples.append(formats.TrainingExample(
+        qid=qid, pids=tuple(line_pids), scores=tuple(float(s) for s in line_scores),
+        pairs=tuple((i, j, float(min(lp, 0.0))) for (i, j), lp in zip(selected, line_logps))))
+  return examples
+
+
+def _pair_log_probs(lines, queries, collection, teachers: _Teachers) -> np.ndarray:
+  """log P(i beats j) for every selected pair of every line, in order."""
+  if teachers.pairwise is None:  # the pointwise teacher's margins: log σ(t_i − t_j)
+    margins = [s[i] - s[j] for _, _, s, selected in lines for i, j in selected]
+    return -np.logaddexp(np.float32(0), -np.asarray(margins, np.float32))
+  texts = [(queries[qid], collection[p[i]], collection[p[j]]) for qid, p, _, selected in lines for i, j in selected]
+  if not texts:
+    return np.zeros(0, np.float32)
+  return teachers.pairwise.score(teachers.pairwise.teacher.encode(texts))
+
+
+def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, queries_path: str,
+          collection_path: str, student: Callable | None = None,
+          devices: Sequence[jax.Device] | None = None) -> Scored:
+  """Scores `config.teacher.run` into `config.teacher.output` (see the module docstring).
+
+  student(cfg) -> Encoder builds a retriever teacher; devices (default: all) carry the teacher mesh.
+  """
+  t = config.teacher
+  check_teacher_config(t)
+  start = time.perf_counter()
+  run_path, out = resolve(t.run, workdir), resolve(t.output, workdir)
+  if not run_path.exists():
+    raise FileNotFoundError(f"teacher.run: {run_path} does not exist; mine it first (--mode=mine)")
+  pointwise = load.load(t.pointwise, "pointwise", student)
+  manifest = settings(t, run_path, queries_path, collection_path, pointwise.name)
+  sidecar = out.with_name(out.name + ".json")
+  if out.exists() and sidecar.exists() and json.loads(sidecar.read_text()).get("settings") == manifest:
+    _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
+    return Scored(out, -1, -1, 0.0, 0.0, 0.0, skipped=True)
+  candidates = _ranked_candidates(formats.read_run(run_path), t.top_n)
+  queries, collection = formats.read_queries(queries_path), formats.read_collection(collection_path)
+  _check_ids(candidates, queries, collection, run_path, queries_path, collection_path)
+  pairwise = None if t.pairwise.kind in ("none", "pointwise") else load.load(t.pairwise, "pairwise")
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
+  teachers = _Teachers(t, pointwise, pairwise, mesh, sharding.rules(config))
+
+  chunk_dir = out.with_name(out.name + CHUNKS_SUFFIX)
+  _prepare_chunks(chunk_dir, manifest)
+  n_chunks = -(-len(candidates) // t.chunk_queries)
+  done = _done_chunks(chunk_dir, n_chunks)
+  _log.info("Scoring %d queries of %s with %s and %s on mesh %s: %d chunks, %d already done", len(candidates),
+            run_path, pointwise.name, pairwise.name if pairwise else f"pairwise={t.pairwise.kind}",
+            dict(mesh.shape), n_chunks, int(done.sum()))
+  bar = tqdm.tqdm(total=len(candidates), unit="query", disable=jax.process_index() != 0, desc="score")
+  bar.update(int(sum(min(t.chunk_queries, len(candidates) - i * t.chunk_queries) for i in np.flatnonzero(done))))
+  for index in np.flatnonzero(~done):
+    chunk = candidates[index * t.chunk_queries:(index + 1) * t.chunk_queries]
+    examples = _score_chunk(chunk, queries, collection, teachers, t)
+    if jax.process_index() == 0:
+      formats.write_training_lines(_chunk_path(chunk_dir, index), examples)
+    bar.update(len(chunk))
+    bar.set_postfix(_rates(teachers), refresh=False)
+  bar.close()
+  num_pairs = _join_chunks(chunk_dir, n_chunks, out, manifest)
+  seconds = time.perf_counter() - start
+  rates = _rates(teachers)
+  _log.info("Scored %s: %d queries, %d pairs in %.1f s (%s)", out, len(candidates), num_pairs, seconds,
+            ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+  return Scored(out, len(candidates), num_pairs, seconds, rates["passages/s"], rates.get("pairs/s", 0.0))
+
+
+def _rates(teachers: _Teachers) -> dict[str, float]:
+  rates = {"passages/s": teachers.pointwise.items_scored / max(teachers.pointwise.seconds, 1e-9)}
+  if teachers.pairwise is not None:
+    rates["pairs/s"] = teachers.pairwise.items_scored / max(teachers.pairwise.seconds, 1e-9)
+  return rates
+
+
+def _join_chunks(chunk_dir: pathlib.Path, n_chunks: int, out: pathlib.Path, manifest: dict) -> int:
+  """Concatenates the chunks into `out` (process 0), records the settings, removes the chunks; the pair count."""
+  num_pairs = 0
+  if jax.process_index() == 0:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with formats.atomic_write(out) as f:
+      for index in range(n_chunks):
+        text = _chunk_path(chunk_dir, index).read_text(encoding="utf-8")
+        num_pairs += sum(len(entry[2]) for line in text.splitlines() for entry in json.loads(line)[1:])
+        f.write(text)
+    with formats.atomic_write(out.with_name(out.name + ".json")) as f:
+      json.dump({"settings": manifest, "pairs": num_pairs}, f, indent=2)
+    shutil.rmtree(chunk_dir)
+  distributed.barrier("scored lines written")
+  return num_pairs

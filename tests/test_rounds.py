@@ -1,0 +1,52 @@
+"""End to end on the demo: round 1 trains; round 2 mines with it, scores the run, trains from its checkpoint."""
+
+import math
+
+import numpy as np
+import pytest
+
+from configs import colbert
+from pairdistill_jax.data import formats
+from pairdistill_jax.teachers import pairs, rounds
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("rounds")
+  config = colbert.get_config("demo,steps=30")
+  config.train.log_every = 5
+  return workdir, config, rounds.run_rounds(config, workdir)
+
+
+def test_round_two_mines_scores_and_trains_from_round_one(two_rounds):
+  workdir, config, summaries = two_rounds
+  assert [s["steps"] for s in summaries] == [30, 30]
+  r1, r2 = workdir / "round_1", workdir / "round_2"
+  run = formats.read_run(r2 / "mine" / "run.trec")
+  train_queries = formats.read_queries(r1 / "demo_data" / "queries.train.tsv")
+  assert set(run) == set(train_queries) and all(len(docs) == config.mine.k for docs in run.values())
+  examples = list(formats.read_training_lines(r2 / "score" / "train.jsonl"))
+  assert [e.qid for e in examples] == list(run)
+  for example in examples[:50]:
+    assert len(example.pids) == config.data.nway
+    assert list(example.scores) == sorted(example.scores, reverse=True)
+    # The teacher is round 1's student: its score of (q, p) is the MaxSim the mining search found.
+    np.testing.assert_allclose(example.scores, [run[example.qid][p] for p in example.pids], rtol=1e-4)
+    assert len(example.pairs) == config.teacher.n_pairs
+    for i, j, logp in example.pairs:
+      assert (i, j) in pairs.candidate_pairs(len(example.pids), topk=20, max_distance=5)
+      margin = example.scores[i] - example.scores[j]
+      assert logp == pytest.approx(-math.log1p(math.exp(-margin)), abs=1e-5)  # log sigmoid of the margin
+  # Round 2 starts from round 1's student, which is also its teacher: the distillation loss starts near 0.
+  assert summaries[1]["first_loss_kd"] < 0.2 * summaries[0]["first_loss_kd"]
+  assert summaries[1]["first_loss_pair"] < 0.2 * summaries[0]["first_loss_pair"]
+
+
+def test_rerunning_the_rounds_redoes_nothing(two_rounds, caplog):
+  workdir, config, _ = two_rounds
+  caplog.set_level("INFO")
+  again = rounds.run_rounds(config, workdir)
+  assert len(again) == 2
+  text = caplog.text
+  assert "is up to date (same model and settings); skipped" in text
+  assert "is up to date (same run, teachers and settings); skipped" in text

@@ -1,0 +1,160 @@
+"""--mode=score: teacher scores vs PyTorch `transformers`, the line format, device-count independence, resume."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from configs import colbert
+from pairdistill_jax.data import formats
+from pairdistill_jax.teachers import pairs, score
+
+WORDS = ("protein cell gene cancer patients study results effect treatment risk water energy model data system "
+         "network learning query passage document ranking vector history city river music film team season").split()
+N_QUERIES, N_PASSAGES, CANDIDATES = 10, 40, 12
+
+
+def _hf_classifier(directory: pathlib.Path, tokenizer_dir: pathlib.Path, num_labels: int, seed: int) -> None:
+  torch.manual_seed(seed)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64, num_labels=num_labels)
+  transformers.BertForSequenceClassification(config).eval().save_pretrained(directory)
+  tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, minilm_dir):
+  """A small collection, queries, a run of 12 candidates per query, and random HF teachers."""
+  root = tmp_path_factory.mktemp("score")
+  rng = np.random.default_rng(0)
+  text = lambda n: " ".join(rng.choice(WORDS, size=n))  # noqa: E731
+  collection = {str(100 + p): text(int(rng.integers(5, 40))) for p in range(N_PASSAGES)}
+  queries = {f"q{q}": text(int(rng.integers(2, 6))) for q in range(N_QUERIES)}
+  run = {qid: {pid: float(rng.normal()) for pid in rng.choice(list(collection), CANDIDATES, replace=False)}
+         for qid in queries}
+  formats.write_collection(root / "collection.tsv", collection)
+  formats.write_queries(root / "queries.tsv", queries)
+  formats.write_run(root / "run.trec", run)
+  _hf_classifier(root / "mono", minilm_dir, 1, seed=0)
+  _hf_classifier(root / "duo", minilm_dir, 2, seed=1)
+  return root, collection, queries, run
+
+
+def _config(root: pathlib.Path, out: str) -> ml_collections.ConfigDict:
+  c = colbert.get_config("demo")
+  c.teacher.update(run=str(root / "run.trec"), output=out, top_n=CANDIDATES, nway=8, topk=6, max_distance=2,
+                   n_pairs=4, chunk_queries=3, bucket_multiple=16)
+  c.teacher.pointwise.update(kind="cross_encoder", model=str(root / "mono"), max_length=64, dtype="float32",
+                             batch_per_device=4)
+  c.teacher.pairwise.update(kind="duobert", model=str(root / "duo"), max_length=96, dtype="float32",
+                            batch_per_device=2)
+  return c
+
+
+def _score(task, out_name, devices=None, **overrides):
+  root = task[0]
+  config = _config(root, str(root / out_name))
+  for key, value in overrides.items():
+    config.teacher[key] = value
+  return score.score(config, root, queries_path=str(root / "queries.tsv"),
+                     collection_path=str(root / "collection.tsv"), devices=devices)
+
+
+@pytest.fixture(scope="module")
+def scored(task):
+  return _score(task, "all_devices.jsonl")
+
+
+def test_lines_match_torch_teachers_and_the_format(task, scored, minilm_dir):
+  root, collection, queries, run = task
+  tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+  mono = transformers.BertForSequenceClassification.from_pretrained(root / "mono").eval()
+  duo = transformers.BertForSequenceClassification.from_pretrained(root / "duo").eval()
+  raw_lines = scored.path.read_text().splitlines()
+  examples = list(formats.read_training_lines(scored.path))
+  assert [e.qid for e in examples] == list(run)  # the run's order
+  for raw, example in zip(raw_lines, examples):
+    row = json.loads(raw)
+    assert row[0] == example.qid and all(isinstance(entry[0], int) for entry in row[1:])  # numeric pids as ints
+    assert all(len(entry) == 3 for entry in row[1:])
+    candidates = sorted(run[example.qid], key=lambda d: (-run[example.qid][d], d))
+    q = queries[example.qid]
+    with torch.no_grad():
+      enc = tokenizer([q] * len(candidates), [collection[d] for d in candidates], truncation=True,
+                      max_length=64, padding=True, return_tensors="pt")
+      expected = mono(**enc).logits[:, 0].numpy()
+    order = np.argsort(-expected, kind="stable")[:8]
+    assert list(example.pids) == [candidates[o] for o in order]
+    np.testing.assert_allclose(example.scores, expected[order], atol=1e-4)
+    assert list(example.scores) == sorted(example.scores, reverse=True)
+    assert len(example.pairs) == 4
+    for i, j, logp in example.pairs:
+      assert (i, j) in pairs.candidate_pairs(8, topk=6, max_distance=2)
+      ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+      qi, d0, d1 = ids(q), ids(collection[example.pids[i]]), ids(collection[example.pids[j]])
+      input_ids = [tokenizer.cls_token_id, *qi, tokenizer.sep_token_id, *d0, tokenizer.sep_token_id, *d1,
+                   tokenizer.sep_token_id]
+      types = [0] * (len(qi) + 2) + [1] * (len(d0) + len(d1) + 2)
+      with torch.no_grad():
+        logits = duo(input_ids=torch.tensor([input_ids]), token_type_ids=torch.tensor([types])).logits[0]
+      assert logp == pytest.approx(float(torch.log_softmax(logits.double(), -1)[1]), abs=1e-4)
+  # written lines read back and write again byte for byte (the PairDistill format, field for field)
+  formats.write_training_lines(root / "rewritten.jsonl", examples)
+  assert (root / "rewritten.jsonl").read_text() == scored.path.read_text()
+  assert scored.num_pairs == 4 * N_QUERIES and not (root / "all_devices.jsonl.chunks").exists()
+
+
+def test_one_device_gives_identical_lines(task, scored):
+  one = _score(task, "one_device.jsonl", devices=jax.devices()[:1])
+  assert one.path.read_bytes() == scored.path.read_bytes()
+
+
+def test_crash_and_restart_gives_the_same_file_without_redoing_chunks(task, scored, monkeypatch):
+  calls = []
+  real = score._score_chunk
+
+  def crash_on_third(chunk, *args):
+    calls.append(chunk[0][0])
+    if len(calls) == 3:
+      raise RuntimeError("simulated crash")
+    return real(chunk, *args)
+
+  monkeypatch.setattr(score, "_score_chunk", crash_on_third)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    _score(task, "resumed.jsonl")
+  root = task[0]
+  assert sorted(p.name for p in (root / "resumed.jsonl.chunks").iterdir()) == ["000000.jsonl", "000001.jsonl",
+                                                                              "manifest.json"]
+  assert not (root / "resumed.jsonl").exists()
+  calls.clear()
+  monkeypatch.setattr(score, "_score_chunk", lambda chunk, *args: calls.append(chunk[0][0]) or real(chunk, *args))
+  resumed = _score(task, "resumed.jsonl")
+  assert len(calls) == 2  # chunks 2 and 3 of 4 (10 queries, 3 per chunk)
+  assert resumed.path.read_bytes() == scored.path.read_bytes()
+  calls.clear()
+  assert _score(task, "resumed.jsonl").skipped and not calls  # up to date: nothing recomputed
+
+
+def test_chunks_of_other_settings_are_refused(task, monkeypatch):
+  root = task[0]
+  chunks = root / "other.jsonl.chunks"
+  chunks.mkdir()
+  (chunks / "manifest.json").write_text(json.dumps({"seed": 123}))
+  with pytest.raises(ValueError, match="other settings"):
+    _score(task, "other.jsonl")
+  shutil.rmtree(chunks)
+
+
+def test_unknown_passage_in_the_run_is_named(task, tmp_path):
+  root = task[0]
+  bad_run = tmp_path / "run.trec"
+  bad_run.write_text((root / "run.trec").read_text() + "q0 Q0 999999 13 9.0 x\n")
+  with pytest.raises(ValueError, match=r"run.trec: passage '999999' \(query 'q0'\) is not in"):
+    _score(task, "bad.jsonl", run=str(bad_run))

@@ -475,3 +475,15 @@ def test_scifact_counts(scifact_dir):
   assert " | Alterations of the architecture of cerebral white matter" in corpus["4983"]
   judged = {d for q in (*train.values(), *test.values()) for d in q}
   assert judged <= corpus.keys() and (train.keys() | test.keys()) <= queries.keys()
+
+
+def test_iter_run_streams_query_blocks_and_names_a_split_query(tmp_path):
+  path = tmp_path / "run.trec"
+  path.write_text("q1 Q0 d1 1 2.5 t\nq1 Q0 d2 2 1.0 t\nq2 Q0 d1 1 0.5 t\n")
+  assert list(formats.iter_run(path)) == [("q1", {"d1": 2.5, "d2": 1.0}), ("q2", {"d1": 0.5})]
+  path.write_text("q1 Q0 d1 1 2.5 t\nq2 Q0 d1 1 0.5 t\nq1 Q0 d2 2 1.0 t\n")
+  with pytest.raises(formats.FormatError, match=r"run.trec:3: query 'q1' appears again after other queries"):
+    list(formats.iter_run(path))
+  path.write_text("q1 Q0 d1 1 2.5 t\nq1 Q0 d1 2 1.0 t\n")
+  with pytest.raises(formats.FormatError, match=r"run.trec:2: duplicate document 'd1'"):
+    list(formats.iter_run(path))

@@ -155,6 +155,6 @@ def test_chunks_of_other_settings_are_refused(task, monkeypatch):
 def test_unknown_passage_in_the_run_is_named(task, tmp_path):
   root = task[0]
   bad_run = tmp_path / "run.trec"
-  bad_run.write_text((root / "run.trec").read_text() + "q0 Q0 999999 13 9.0 x\n")
+  bad_run.write_text("q0 Q0 999999 0 9.0 x\n" + (root / "run.trec").read_text())  # q0 comes first
   with pytest.raises(ValueError, match=r"run.trec: passage '999999' \(query 'q0'\) is not in"):
     _score(task, "bad.jsonl", run=str(bad_run))

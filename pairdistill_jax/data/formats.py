@@ -628,6 +628,30 @@ def read_run(path: PathLike) -> dict[str, dict[str, float]]:
   return run
 
 
+def iter_run(path: PathLike) -> Iterator[tuple[str, dict[str, float]]]:
+  """Streams a TREC run query by query: (qid, {docid: score}) per block of consecutive lines.
+
+  For runs too large to hold at once (800k queries x 100). A query whose lines are not consecutive is an
+  error (sort the run by query); `read_run` accepts any order.
+  """
+  qid, scored, seen, number = None, {}, set(), 0
+  for number, (line_qid, docid, score) in _read_records(path, _parse_run_line, _BadLines(path, False, None)):
+    if line_qid != qid:
+      if qid is not None:
+        yield qid, scored
+      if line_qid in seen:
+        raise FormatError(path, number, f"query {line_qid!r} appears again after other queries; sort the run "
+                                        f"by query (e.g. `sort -s -k1,1`)")
+      qid, scored = line_qid, {}
+      seen.add(qid)
+    if docid in scored:
+      raise FormatError(path, number, f"duplicate document {docid!r} for query {qid!r}")
+    scored[docid] = score
+  if qid is None:
+    raise FormatError(path, number, "no run lines")
+  yield qid, scored
+
+
 def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]], tag: str = "pairdistill") -> None:
   """Writes a TREC run; each query's documents ranked by score descending, ties by docid ascending."""
   _trec_field(tag, "run tag")

@@ -17,7 +17,7 @@ import logging
 import pathlib
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -86,17 +86,33 @@ def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries_path:
                                "bucket_multiple")}}
 
 
-def _ranked_candidates(run: dict[str, dict[str, float]], top_n: int) -> list[tuple[str, list[str]]]:
-  return [(qid, [doc for doc, _ in metrics.ranked(scored)[:top_n]]) for qid, scored in run.items()]
+def _ranked(scored: dict[str, float], top_n: int) -> list[str]:
+  return [doc for doc, _ in metrics.ranked(scored)[:top_n]]
 
 
-def _check_ids(candidates, queries, collection, run_path, queries_path, collection_path) -> None:
-  for qid, pids in candidates:
+def _count_and_check(run_path: pathlib.Path, queries, collection, queries_path, collection_path) -> int:
+  """The number of queries of the run, after checking that every id has a text (before any scoring)."""
+  count = 0
+  for qid, scored in formats.iter_run(run_path):
     if qid not in queries:
       raise ValueError(f"{run_path}: query {qid!r} is not in {queries_path}")
-    for pid in pids:
+    for pid in scored:
       if pid not in collection:
         raise ValueError(f"{run_path}: passage {pid!r} (query {qid!r}) is not in {collection_path}")
+    count += 1
+  return count
+
+
+def _chunks(run_path: pathlib.Path, top_n: int, size: int) -> Iterator[list[tuple[str, list[str]]]]:
+  """The run streamed as lists of `size` (qid, top_n candidate pids), in file order."""
+  chunk = []
+  for qid, scored in formats.iter_run(run_path):
+    chunk.append((qid, _ranked(scored, top_n)))
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
 
 
 def _chunk_path(directory: pathlib.Path, index: int) -> pathlib.Path:
@@ -192,36 +208,34 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   if out.exists() and sidecar.exists() and json.loads(sidecar.read_text()).get("settings") == manifest:
     _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
     return Scored(out, -1, -1, 0.0, 0.0, 0.0, skipped=True)
-  candidates = _ranked_candidates(formats.read_run(run_path), t.top_n)
   queries, collection = formats.read_queries(queries_path), formats.read_collection(collection_path)
-  _check_ids(candidates, queries, collection, run_path, queries_path, collection_path)
+  n_queries = _count_and_check(run_path, queries, collection, queries_path, collection_path)
   pairwise = None if t.pairwise.kind in ("none", "pointwise") else load.load(t.pairwise, "pairwise")
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
   teachers = _Teachers(t, pointwise, pairwise, mesh, sharding.rules(config))
 
   chunk_dir = out.with_name(out.name + CHUNKS_SUFFIX)
   _prepare_chunks(chunk_dir, manifest)
-  n_chunks = -(-len(candidates) // t.chunk_queries)
+  n_chunks = -(-n_queries // t.chunk_queries)
   done = _done_chunks(chunk_dir, n_chunks)
-  _log.info("Scoring %d queries of %s with %s and %s on mesh %s: %d chunks, %d already done", len(candidates),
+  _log.info("Scoring %d queries of %s with %s and %s on mesh %s: %d chunks, %d already done", n_queries,
             run_path, pointwise.name, pairwise.name if pairwise else f"pairwise={t.pairwise.kind}",
             dict(mesh.shape), n_chunks, int(done.sum()))
-  bar = tqdm.tqdm(total=len(candidates), unit="query", disable=jax.process_index() != 0, desc="score")
-  bar.update(int(sum(min(t.chunk_queries, len(candidates) - i * t.chunk_queries) for i in np.flatnonzero(done))))
-  for index in np.flatnonzero(~done):
-    chunk = candidates[index * t.chunk_queries:(index + 1) * t.chunk_queries]
-    examples = _score_chunk(chunk, queries, collection, teachers, t)
-    if jax.process_index() == 0:
-      formats.write_training_lines(_chunk_path(chunk_dir, index), examples)
+  bar = tqdm.tqdm(total=n_queries, unit="query", disable=jax.process_index() != 0, desc="score")
+  for index, chunk in enumerate(_chunks(run_path, t.top_n, t.chunk_queries)):
+    if not done[index]:
+      examples = _score_chunk(chunk, queries, collection, teachers, t)
+      if jax.process_index() == 0:
+        formats.write_training_lines(_chunk_path(chunk_dir, index), examples)
+      bar.set_postfix(_rates(teachers), refresh=False)
     bar.update(len(chunk))
-    bar.set_postfix(_rates(teachers), refresh=False)
   bar.close()
   num_pairs = _join_chunks(chunk_dir, n_chunks, out, manifest)
   seconds = time.perf_counter() - start
   rates = _rates(teachers)
-  _log.info("Scored %s: %d queries, %d pairs in %.1f s (%s)", out, len(candidates), num_pairs, seconds,
+  _log.info("Scored %s: %d queries, %d pairs in %.1f s (%s)", out, n_queries, num_pairs, seconds,
             ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
-  return Scored(out, len(candidates), num_pairs, seconds, rates["passages/s"], rates.get("pairs/s", 0.0))
+  return Scored(out, n_queries, num_pairs, seconds, rates["passages/s"], rates.get("pairs/s", 0.0))
 
 
 def _rates(teachers: _Teachers) -> dict[str, float]:

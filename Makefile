@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
 
-.PHONY: demo demo-dpr test test-slow eval-scifact check-colbert-libs venv clean
+.PHONY: demo demo-dpr demo-rounds test test-slow eval-scifact check-colbert-libs venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ demo-dpr: $(STAMP)
 	$(PY) -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=$(WORKDIR)/dpr
 	$(PY) -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=$(WORKDIR)/dpr --mode=export
 	$(PY) -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=$(WORKDIR)/dpr --mode=evaluate
+
+# Two PairDistill rounds on the demo: round 1 trains; round 2 mines with it, scores the run (the round-1 student
+# is the pointwise teacher there: the demo has no cross-encoder) and trains from its checkpoint.
+demo-rounds: $(STAMP)
+	$(PY) -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=$(WORKDIR)/rounds --mode=rounds
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

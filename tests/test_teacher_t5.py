@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import sentencepiece
 import tokenizers
 import torch
 import transformers
@@ -93,3 +94,20 @@ def test_teacher_benchmark_reports_passages_and_pairs_per_second(tmp_path, teach
   assert all(r["items"] == 24 and r["devices"] == 8 for r in records)
   assert out.count("BENCHMARK ") == 2 and "items/s" in out
   assert len((tmp_path / "benchmark.jsonl").read_text().splitlines()) == 2
+
+
+def test_t5_tokenizer_from_a_sentencepiece_model_alone(tmp_path):
+  """castorini's monoT5 / duoT5 ship spiece.model without tokenizer.json: it loads, and encodes as SentencePiece."""
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n".join(["Query: what is a cat Document: a cat purrs Relevant: true false",
+                               "the dog barks at the water and the tree is big"] * 50))
+  sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=40,
+                                           model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                           hard_vocab_limit=False, minloglevel=2)
+  directory = tmp_path / "teacher"
+  directory.mkdir()
+  (tmp_path / "spiece.model").rename(directory / "spiece.model")
+  tokenizer = inputs.load_t5_tokenizer(directory)
+  text = "Query: a cat Document: the dog barks Relevant:"
+  reference = sentencepiece.SentencePieceProcessor(model_file=str(directory / "spiece.model"))
+  assert tokenizer(text).input_ids == reference.encode(text) + [1]  # + </s>

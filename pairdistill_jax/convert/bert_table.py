@@ -27,8 +27,8 @@ class Transform(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class Rule:
   hf: str  # HF key template, '.'-separated
-  flax: str  # BertEncoder parameter path template, '/'-separated
-  shape: tuple[str, ...]  # Flax-side shape as BertConfig field names
+  flax: str  # Flax parameter path template, '/'-separated
+  shape: tuple[str, ...]  # Flax-side shape as config field names (BertConfig, T5Config)
   transform: Transform
 
 

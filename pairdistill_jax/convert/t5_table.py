@@ -15,16 +15,8 @@ import numpy as np
 from flax import traverse_util
 
 from pairdistill_jax.convert import hf_io
-from pairdistill_jax.convert.bert_table import Transform
+from pairdistill_jax.convert.bert_table import Entry, Rule, Transform
 from pairdistill_jax.models.t5 import T5Config
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  hf: str  # HF key template, '.'-separated
-  flax: str  # T5Scorer parameter path template, '/'-separated
-  shape: tuple[str, ...]  # Flax-side shape as T5Config attribute names
-  transform: Transform
 
 
 _V, _D, _I, _F = "vocab_size", "d_model", "inner_dim", "d_ff"
@@ -84,20 +76,6 @@ BLOCK_RULES: Mapping[tuple[str, bool], tuple[Rule, ...]] = {
 TIED_COPIES: tuple[str, ...] = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # Tensors some checkpoints hold that HF ignores when loading (T5 never uses them).
 IGNORED_KEYS: tuple[str, ...] = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One rule instantiated for a config: concrete key, path and Flax-side shape."""
-
-  hf: str
-  flax: str
-  shape: tuple[int, ...]
-  transform: Transform
-
-  @property
-  def hf_shape(self) -> tuple[int, ...]:
-    return self.shape[::-1] if self.transform is Transform.TRANSPOSE else self.shape
 
 
 def expand(config: T5Config) -> list[Entry]:

@@ -7,15 +7,15 @@
                             bi-encoder directory; '' = the model being mined with (config.init / the workdir)
   pairwise   duot5          T5: log P("true") of `Query: q Document0: d_i Document1: d_j Relevant:`
              duobert        BertForSequenceClassification, 2 labels: log-softmax of label 1 (d_i beats d_j)
+             pointwise      no model: log σ(t_i − t_j) of the pointwise scores (score.py)
+             none           no pairs
 Nothing is downloaded: `model` is a local directory (e.g. fetched with `huggingface-cli download`).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,6 @@ from pairdistill_jax.teachers.runner import Teacher
 POINTWISE_KINDS = ("cross_encoder", "monot5", "retriever")
 PAIRWISE_KINDS = ("duot5", "duobert", "pointwise", "none")  # pointwise: log σ(t_i − t_j) of the pointwise teacher
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-_log = logging.getLogger(__name__)
 
 
 def _model_dir(cfg: ml_collections.ConfigDict, role: str) -> pathlib.Path:
@@ -142,8 +140,8 @@ def retriever(encoder: Encoder) -> Teacher:
                  {"q_ids": pad, "d_ids": pad})
 
 
-def load(cfg: ml_collections.ConfigDict, role: str, student: functools.partial | None = None) -> Teacher:
-  """The teacher of `config.teacher.<role>`; `student()` gives the mining model's Encoder for a retriever ''."""
+def load(cfg: ml_collections.ConfigDict, role: str, student: Callable[..., Encoder] | None = None) -> Teacher:
+  """The teacher of `config.teacher.<role>`; `student(cfg)` builds the Encoder of a retriever teacher."""
   kinds = POINTWISE_KINDS if role == "pointwise" else PAIRWISE_KINDS
   if cfg.kind not in kinds:
     raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {cfg.kind!r}")
@@ -154,5 +152,7 @@ def load(cfg: ml_collections.ConfigDict, role: str, student: functools.partial |
   if cfg.kind in ("monot5", "duot5"):
     return t5(cfg, role)
   if cfg.kind == "retriever":
+    if student is None:
+      raise ValueError(f"teacher.{role}.kind='retriever' needs a student factory (run it through --mode=score)")
     return retriever(student(cfg))
   raise ValueError(f"teacher.{role}.kind={cfg.kind!r} has no model")

@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.eval = config_lib.eval_fields()  # --mode=evaluate and dev evaluation, see config_lib.eval_fields
   c.mine = config_lib.mine_fields()  # --mode=mine, see config_lib.mine_fields
   c.teacher = config_lib.teacher_fields(arg.nway, 16)  # --mode=score, see config_lib.teacher_fields
-  c.rounds = dict(count=2)  # --mode=rounds: round 1 trains on data.train, each later one mines, scores, trains
+  c.rounds = dict(count=2)  # --mode=rounds: each round mines, scores, trains (round 1 trains on data.train if set)
 
   if demo:
     # Mean pooling: a randomly initialised BERT's [CLS] vector hardly depends on the input.

@@ -12,8 +12,9 @@
                       student (or config.mine.model); writes config.mine.output (a TREC run)
   --mode=score        teacher-score that run (pointwise top-n, pair selection, pairwise) into PairDistill
                       training lines at config.teacher.output; resumable by chunks
-  --mode=rounds       PairDistill's iterative rounds (config.rounds.count) in WORKDIR/round_<r>: round 1
-                      trains on data.train, every later round mines, scores and trains from the previous one
+  --mode=rounds       PairDistill's iterative rounds (config.rounds.count) in WORKDIR/round_<r>: each mines,
+                      scores and trains from the previous student (round 1: from config.init, or it trains
+                      on data.train when the config has training lines)
 
 Any config field can be overridden: `--config.optim.lr=2e-5 --config.train.batch_size=64`.
 """
@@ -87,8 +88,8 @@ def main(argv: list[str]) -> int:
     return run_benchmark(config, _WORKDIR.value)
   if mode in ("mine", "score"):
     return run_teacher_stage(config, _WORKDIR.value, mode)
-  try:
-    config_lib.validate(config, jax.device_count())
+  try:  # --mode=rounds without training lines of its own mines them first
+    config_lib.validate(config, jax.device_count(), need_data=mode == "train" or bool(config.data.train))
   except config_lib.ConfigError as e:
     fail(f"invalid config: {e}")
 

@@ -10,8 +10,10 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from pairdistill_jax import checkpoint
+from pairdistill_jax.data import formats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/colbert.py:demo", "--config.train.steps=12", "--config.train.checkpoint_every=6",
@@ -56,3 +58,34 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   for a, b in zip(jax.tree.leaves(checkpoint.load_trained(multi).params),
                   jax.tree.leaves(checkpoint.load_trained(single).params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_same_lines_as_one(tmp_path, minilm_dir):
+  """--mode=score as 2 processes (2 CPU devices each) writes the file of 1 process with 1 device."""
+  from tests.test_score import _hf_classifier  # noqa: PLC0415 (random HF teachers)
+
+  rng = np.random.default_rng(0)
+  words = "protein cell gene cancer study water energy model data network query passage".split()
+  collection = {str(p): " ".join(rng.choice(words, size=int(rng.integers(5, 30)))) for p in range(30)}
+  queries = {f"q{q}": " ".join(rng.choice(words, size=3)) for q in range(7)}
+  formats.write_collection(tmp_path / "collection.tsv", collection)
+  formats.write_queries(tmp_path / "queries.tsv", queries)
+  formats.write_run(tmp_path / "run.trec", {q: {p: float(rng.normal()) for p in rng.choice(list(collection), 10,
+                                                                                          replace=False)}
+                                            for q in queries})
+  _hf_classifier(tmp_path / "mono", minilm_dir, 1, seed=0)
+  _hf_classifier(tmp_path / "duo", minilm_dir, 2, seed=1)
+  args = ["--config=configs/colbert.py:demo", "--mode=score", f"--config.teacher.run={tmp_path / 'run.trec'}",
+          f"--config.teacher.queries={tmp_path / 'queries.tsv'}",
+          f"--config.teacher.collection={tmp_path / 'collection.tsv'}", "--config.teacher.top_n=10",
+          "--config.teacher.chunk_queries=3", "--config.teacher.pointwise.kind=cross_encoder",
+          f"--config.teacher.pointwise.model={tmp_path / 'mono'}", "--config.teacher.pointwise.dtype=float32",
+          "--config.teacher.pairwise.kind=duobert", f"--config.teacher.pairwise.model={tmp_path / 'duo'}",
+          "--config.teacher.pairwise.dtype=float32", "--config.teacher.pairwise.max_length=128"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  run([sys.executable, "-m", "pairdistill_jax.main", f"--workdir={one}", *args], env_devices=1)
+  run(["bash", "launch/local_multiprocess.sh", "2", f"--workdir={two}", *args], env_devices=2)
+  expected = (one / "score" / "train.jsonl").read_bytes()
+  assert len(expected.splitlines()) == 7
+  assert (two / "score" / "train.jsonl").read_bytes() == expected

@@ -13,14 +13,15 @@ from pairdistill_jax.teachers import pairs, rounds
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("rounds")
-  config = colbert.get_config("demo,steps=30")
+  config = colbert.get_config("demo,steps=20")
   config.train.log_every = 5
+  config.mine.k = config.teacher.top_n = 20
   return workdir, config, rounds.run_rounds(config, workdir)
 
 
 def test_round_two_mines_scores_and_trains_from_round_one(two_rounds):
   workdir, config, summaries = two_rounds
-  assert [s["steps"] for s in summaries] == [30, 30]
+  assert [s["steps"] for s in summaries] == [20, 20]
   r1, r2 = workdir / "round_1", workdir / "round_2"
   run = formats.read_run(r2 / "mine" / "run.trec")
   train_queries = formats.read_queries(r1 / "demo_data" / "queries.train.tsv")
@@ -42,11 +43,23 @@ def test_round_two_mines_scores_and_trains_from_round_one(two_rounds):
   assert summaries[1]["first_loss_pair"] < 0.2 * summaries[0]["first_loss_pair"]
 
 
-def test_rerunning_the_rounds_redoes_nothing(two_rounds, caplog):
-  workdir, config, _ = two_rounds
+def test_without_training_lines_round_one_mines_with_the_initial_model(two_rounds, tmp_path, caplog):
+  workdir, _, _ = two_rounds
+  demo_data = workdir / "round_1" / "demo_data"
+  config = colbert.get_config("demo,steps=10")
+  config.mine.k = config.teacher.top_n = 20
+  config.data.update(demo=False, collection=str(demo_data / "collection.tsv"),
+                     queries=str(demo_data / "queries.train.tsv"))
+  config.init.checkpoint = str(workdir / "round_1")  # e.g. colbertv2.0 in the paper's setting
+  config.rounds.count = 1
+  config.optim.warmup_steps = 2
+  config.eval.update(collection=str(demo_data / "collection.tsv"), queries=str(demo_data / "queries.dev.tsv"),
+                     qrels=str(demo_data / "qrels.dev.tsv"))
+  summaries = rounds.run_rounds(config, tmp_path)
+  assert [s["steps"] for s in summaries] == [10]
+  assert (tmp_path / "round_1" / "mine" / "run.trec").exists()
+  assert len((tmp_path / "round_1" / "score" / "train.jsonl").read_text().splitlines()) == 600
   caplog.set_level("INFO")
-  again = rounds.run_rounds(config, workdir)
-  assert len(again) == 2
-  text = caplog.text
-  assert "is up to date (same model and settings); skipped" in text
-  assert "is up to date (same run, teachers and settings); skipped" in text
+  assert len(rounds.run_rounds(config, tmp_path)) == 1  # a rerun redoes nothing
+  assert "is up to date (same model and settings); skipped" in caplog.text
+  assert "is up to date (same run, teachers and settings); skipped" in caplog.text

@@ -50,7 +50,7 @@ def task(tmp_path_factory, minilm_dir):
 def _config(root: pathlib.Path, out: str) -> ml_collections.ConfigDict:
   c = colbert.get_config("demo")
   c.teacher.update(run=str(root / "run.trec"), output=out, top_n=CANDIDATES, nway=8, topk=6, max_distance=2,
-                   n_pairs=4, chunk_queries=3, bucket_multiple=16)
+                   n_pairs=4, chunk_queries=3, bucket_multiple=64)
   c.teacher.pointwise.update(kind="cross_encoder", model=str(root / "mono"), max_length=64, dtype="float32",
                              batch_per_device=4)
   c.teacher.pairwise.update(kind="duobert", model=str(root / "duo"), max_length=96, dtype="float32",

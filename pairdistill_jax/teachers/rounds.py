@@ -1,9 +1,10 @@
 """--mode=rounds: PairDistill's iterative training, each round in WORKDIR/round_<r>.
 
-Round 1 trains on the config's own training lines (`data.train`, or the demo's). Every later round r
-mines the training queries with round r-1's student (`--mode=mine`), scores the run with the teachers
-(`--mode=score`) and trains from round r-1's checkpoint (`init.checkpoint`) on the new lines. Every stage
-resumes or skips when rerun, so the command can simply be restarted after a crash or preemption.
+Round r mines the training queries with the previous student (`--mode=mine`), scores the run with the
+teachers (`--mode=score`) and trains from that student on the new lines. Round 1's "previous student" is the
+model the config starts from (`init.checkpoint` / `init.pretrained`, e.g. colbertv2.0); when the config has
+training lines of its own (`data.train`, or the demo's), round 1 trains on them instead of mining. Every
+stage resumes or skips when rerun, so the command can simply be restarted after a crash or preemption.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 
 from pairdistill_jax import config_lib
+from pairdistill_jax.convert import students
 from pairdistill_jax.teachers import mining, score
 
 _log = logging.getLogger(__name__)
@@ -29,12 +31,13 @@ def _with_workdir(template: str, first_round: pathlib.Path) -> str:
   return template.replace("{workdir}", str(first_round)) if template else template
 
 
-def next_round_config(config: ml_collections.ConfigDict, previous: pathlib.Path, first_round: pathlib.Path,
-                      paths) -> ml_collections.ConfigDict:
-  """Round r's config: mine with and start from round r-1's student; train on the scored lines."""
+def round_config(config: ml_collections.ConfigDict, previous: pathlib.Path | None, first_round: pathlib.Path,
+                 paths) -> ml_collections.ConfigDict:
+  """A mining round's config: mine with and start from `previous` (None: the config's initial model)."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.init.checkpoint = str(previous)
-  c.mine.model = c.mine.model or str(previous)
+  if previous is not None:
+    c.init.checkpoint = str(previous)
+  c.mine.model = c.mine.model or students.init_source(c)[1]  # pinned: a rerun mines with the same model
   c.data.update(demo=False, collection=paths.collection, queries=paths.queries, train="")
   if config.data.demo:
     for field in ("collection", "queries", "qrels"):
@@ -46,16 +49,26 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
   """Runs `config.rounds.count` rounds; returns each round's training summary."""
   from pairdistill_jax.train import loop  # noqa: PLC0415 (import cycle through checkpoint)
 
-  if config.rounds.count < 1:
-    raise config_lib.ConfigError(f"rounds.count must be >= 1, got {config.rounds.count}")
+  count = config.rounds.count
+  if count < 1:
+    raise config_lib.ConfigError(f"rounds.count must be >= 1, got {count}")
   first = round_dir(workdir, 1)
-  _log.info("Round 1/%d in %s: training on the config's data", config.rounds.count, first)
-  summaries = [loop.train(config, first)]
+  summaries = []
+  if config.data.demo or config.data.train:
+    _log.info("Round 1/%d in %s: training on the config's data", count, first)
+    summaries.append(loop.train(config, first))
+  else:
+    for field in ("collection", "queries"):
+      if not config.data[field]:
+        raise config_lib.ConfigError(f"data.{field} is empty: --mode=rounds mines data.queries from "
+                                     f"data.collection (set --config.data.{field}=PATH)")
   paths = loop.data_paths(config, first)
-  for r in range(2, config.rounds.count + 1):
-    here, previous = round_dir(workdir, r), round_dir(workdir, r - 1)
-    c = next_round_config(config, previous, first, paths)
-    _log.info("Round %d/%d in %s: mine with and start from %s", r, config.rounds.count, here, previous)
+  for r in range(len(summaries) + 1, count + 1):
+    here = round_dir(workdir, r)
+    previous = round_dir(workdir, r - 1) if r > 1 else None
+    c = round_config(config, previous, first, paths)
+    config_lib.validate(c, jax.device_count(), need_data=False)  # before hours of mining and scoring
+    _log.info("Round %d/%d in %s: mine with and start from %s", r, count, here, c.mine.model)
     mining.mine(c, here, queries_path=paths.queries, collection_path=paths.collection)
     scored = score.score(c, here, queries_path=paths.queries, collection_path=paths.collection,
                          student=student_factory(c, here), devices=devices)

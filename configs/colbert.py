@@ -6,6 +6,12 @@
   python -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=/tmp/demo   # minutes on a CPU
   python -m pairdistill_jax.main --config=configs/colbert.py --workdir=/tmp/bench --mode=benchmark   # step time, MFU, memory
 
+PairDistill's iterative rounds (mine with the student, score with the teachers, train from it; DESIGN §2.6):
+  python -m pairdistill_jax.main --config=configs/colbert.py --workdir=runs/pd --mode=rounds \
+      --config.teacher.pointwise.model=/models/ms-marco-MiniLM-L-6-v2 \
+      --config.teacher.pairwise.model=/models/duot5-3b-msmarco --config.teacher.mesh.fsdp=8 ...
+  python -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=/tmp/rounds --mode=rounds   # ~2 min on a CPU
+
 Variants and overrides go after the colon: `configs/colbert.py:demo,batch_size=16`. The demo trains a tiny
 random BERT on a synthetic task written into WORKDIR/demo_data; its loss falls and its pair agreement rises.
 """
@@ -42,7 +48,7 @@ def get_config(arg=None):
   c.eval = config_lib.eval_fields()  # --mode=evaluate and dev evaluation, see config_lib.eval_fields
   c.mine = config_lib.mine_fields()  # --mode=mine, see config_lib.mine_fields
   c.teacher = config_lib.teacher_fields(arg.nway, 16)  # --mode=score, see config_lib.teacher_fields
-  c.rounds = dict(count=2)  # --mode=rounds: each round mines, scores, trains (round 1 trains on data.train if set)
+  c.rounds = dict(count=2)  # --mode=rounds: each mines, scores, trains (round 1 trains on data.train if set)
 
   if demo:
     c.model.update(dim=32, query_maxlen=16, doc_maxlen=48, dtype="float32", bert=config_lib.bert_demo())

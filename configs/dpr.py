@@ -6,6 +6,12 @@
   python -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=/tmp/demo_dpr   # minutes on a CPU
   python -m pairdistill_jax.main --config=configs/dpr.py --workdir=/tmp/bench --mode=benchmark   # step time, MFU, memory
 
+PairDistill's iterative rounds (mine with the student, score with the teachers, train from it; DESIGN §2.6):
+  python -m pairdistill_jax.main --config=configs/dpr.py --workdir=runs/pd --mode=rounds \
+      --config.teacher.pointwise.model=/models/ms-marco-MiniLM-L-6-v2 \
+      --config.teacher.pairwise.model=/models/duot5-3b-msmarco --config.teacher.mesh.fsdp=8 ...
+  python -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=/tmp/rounds --mode=rounds   # ~2 min on a CPU
+
 The paper's pointwise-only baseline: `--config.loss.pair_alpha=0 --config.loss.temperature=10`.
 One epoch of the 808,731 released training lines at 36 queries per step is 22,465 steps.
 """
@@ -35,7 +41,7 @@ def get_config(arg=None):
   c.eval = config_lib.eval_fields()  # --mode=evaluate and dev evaluation, see config_lib.eval_fields
   c.mine = config_lib.mine_fields()  # --mode=mine, see config_lib.mine_fields
   c.teacher = config_lib.teacher_fields(arg.nway, 16)  # --mode=score, see config_lib.teacher_fields
-  c.rounds = dict(count=2)  # --mode=rounds: each round mines, scores, trains (round 1 trains on data.train if set)
+  c.rounds = dict(count=2)  # --mode=rounds: each mines, scores, trains (round 1 trains on data.train if set)
 
   if demo:
     # Mean pooling: a randomly initialised BERT's [CLS] vector hardly depends on the input.

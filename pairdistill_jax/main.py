@@ -7,7 +7,8 @@
                       sentence-transformers directory, --pooling=cls|mean), on config.eval; writes
                       WORKDIR/eval/run.trec and metrics.json and prints the metrics table
   --mode=benchmark    time the train step (and encoding, scaling over devices, variants, the teachers'
-                      throughput: config.benchmark) on synthetic batches; prints BENCHMARK {json} lines, appends them to WORKDIR/benchmark.jsonl
+                      throughput: config.benchmark) on synthetic batches; prints BENCHMARK {json} lines and
+                      appends them to WORKDIR/benchmark.jsonl
   --mode=mine         retrieve the top config.mine.k passages of every training query with the workdir's
                       student (or config.mine.model); writes config.mine.output (a TREC run)
   --mode=score        teacher-score that run (pointwise top-n, pair selection, pairwise) into PairDistill

@@ -13,7 +13,7 @@ import transformers
 
 from configs import colbert
 from pairdistill_jax.data import formats
-from pairdistill_jax.teachers import pairs, score
+from pairdistill_jax.teachers import pairs, rounds, score
 
 WORDS = ("protein cell gene cancer patients study results effect treatment risk water energy model data system "
          "network learning query passage document ranking vector history city river music film team season").split()
@@ -158,3 +158,24 @@ def test_unknown_passage_in_the_run_is_named(task, tmp_path):
   bad_run.write_text("q0 Q0 999999 0 9.0 x\n" + (root / "run.trec").read_text())  # q0 comes first
   with pytest.raises(ValueError, match=r"run.trec: passage '999999' \(query 'q0'\) is not in"):
     _score(task, "bad.jsonl", run=str(bad_run))
+
+
+def test_imported_bi_encoder_as_pointwise_teacher(task, minilm_dir):
+  """A sentence-transformers model as the pointwise teacher: its cosine scores, as sentence-transformers
+  computes them; no pairs (pairwise.kind='none')."""
+  import sentence_transformers  # noqa: PLC0415
+
+  root, collection, queries, run = task
+  config = _config(root, str(root / "bi_encoder.jsonl"))
+  config.teacher.pointwise.update(kind="retriever", model=str(minilm_dir), max_length=128)
+  config.teacher.pairwise.kind = "none"
+  result = score.score(config, root, queries_path=str(root / "queries.tsv"),
+                       collection_path=str(root / "collection.tsv"), student=rounds.student_factory(config, root))
+  model = sentence_transformers.SentenceTransformer(str(minilm_dir), device="cpu")
+  for example in formats.read_training_lines(result.path):
+    q_D = model.encode([queries[example.qid]], normalize_embeddings=True)[0]
+    p_NxD = model.encode([collection[p] for p in run[example.qid]], normalize_embeddings=True)
+    expected = dict(zip(run[example.qid], p_NxD @ q_D))
+    best = sorted(expected, key=lambda p: -expected[p])[:8]
+    assert list(example.pids) == best and not example.pairs
+    np.testing.assert_allclose(example.scores, [expected[p] for p in best], atol=1e-5)

@@ -89,11 +89,12 @@ def mine_fields() -> dict:
   """--mode=mine: the top-k passages of each training query (data.queries / data.collection unless set).
 
   model: the retriever ('' = the workdir's checkpoint, else init.checkpoint / init.pretrained); the rest as
-  in eval_fields. The run goes to `output` (may use {workdir}).
+  in eval_fields. The run goes to `output` (may use {workdir}); query_block queries are encoded and searched
+  at a time; the corpus embeddings (beside the run, resumable) are deleted afterwards unless keep_corpus.
   """
   return dict(queries="", collection="", output="{workdir}/mine/run.trec", model="", k=100, query_maxlen=0,
               doc_maxlen=0, batch_size=128, chunk_size=16_384, index="auto", nprobe=32, faiss_depth=1024,
-              exact_max_tokens=20_000_000)
+              exact_max_tokens=20_000_000, query_block=16_384, keep_corpus=False)
 
 
 def _teacher(kind: str, max_length: int, batch_per_device: int) -> dict:

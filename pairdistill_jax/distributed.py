@@ -54,3 +54,10 @@ def barrier(name: str) -> None:
   """Waits until every process has reached this point."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process: decisions that read files stay the same everywhere."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))

@@ -109,7 +109,8 @@ def run_teacher_stage(config, workdir: str, mode: str) -> int:
   from pairdistill_jax.teachers import mining, rounds, score  # noqa: PLC0415
   from pairdistill_jax.train import loop  # noqa: PLC0415
 
-  stage = config.mine if mode == "mine" else config.teacher
+  section = "mine" if mode == "mine" else "teacher"
+  stage = config[section]
   paths = loop.data_paths(config, pathlib.Path(workdir))
   queries, collection = stage.queries or paths.queries, stage.collection or paths.collection
   try:
@@ -117,7 +118,7 @@ def run_teacher_stage(config, workdir: str, mode: str) -> int:
       score.check_teacher_config(config.teacher)
     for field, path in (("queries", queries), ("collection", collection)):
       if not path:
-        raise ValueError(f"{mode}.{field} and data.{field} are empty: set --config.data.{field}=PATH")
+        raise ValueError(f"{section}.{field} and data.{field} are empty: set --config.data.{field}=PATH")
     if mode == "mine":
       result = mining.mine(config, workdir, queries_path=queries, collection_path=collection)
     else:

@@ -145,6 +145,19 @@ def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path):
   assert "nDCG@10" in result.table()
 
 
+def test_retrieval_in_query_blocks_equals_one_block(minilm_dir, tmp_path):
+  """Mining streams 800k queries a block at a time: the blocks must not change the run."""
+  from pairdistill_jax.retrieval import encoders  # noqa: PLC0415
+
+  encoder = encoders.from_model_dir(minilm_dir)
+  collection = {d: f"{t} {d}" for d, t in DOCS.items()}
+  e = eval_config(k=4, batch_size=8)
+  whole = dict(evaluate.retrieve(encoder, collection, QUERIES, e, tmp_path / "corpus").run)
+  blocks = evaluate.retrieve(encoder, collection, QUERIES, e, tmp_path / "corpus", query_block=2)
+  assert list(blocks.run) == list(whole.items()) and len(whole) == len(QUERIES)
+  assert blocks.seconds["search"] > 0
+
+
 def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
   demo.generate(tmp_path / "demo_data")
   tokenizer_dir = tmp_path / "demo_data" / "tokenizer"

@@ -32,7 +32,8 @@ def teacher_dir(tmp_path_factory):
                                extra_ids=0).save_pretrained(directory)
   torch.manual_seed(0)
   config = transformers.T5Config(vocab_size=6200, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+                                 feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+                                 scale_decoder_outputs=False)  # v1.1: no d_model**-0.5 before the head
   model = transformers.T5ForConditionalGeneration(config).eval()
   model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)  # untied
   model.save_pretrained(directory)

@@ -652,11 +652,15 @@ def iter_run(path: PathLike) -> Iterator[tuple[str, dict[str, float]]]:
   yield qid, scored
 
 
-def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]], tag: str = "pairdistill") -> None:
-  """Writes a TREC run; each query's documents ranked by score descending, ties by docid ascending."""
+def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]] | Iterable[tuple[str, Mapping[str, float]]],
+              tag: str = "pairdistill") -> None:
+  """Writes a TREC run; each query's documents ranked by score descending, ties by docid ascending.
+
+  `run` may be a stream of (qid, {docid: score}) pairs (written as they come; the file appears only whole).
+  """
   _trec_field(tag, "run tag")
   with atomic_write(path) as f:
-    for qid, scored in run.items():
+    for qid, scored in run.items() if isinstance(run, Mapping) else run:
       _trec_field(qid, "query id")
       ranked = sorted(scored.items(), key=lambda item: (-item[1], item[0]))
       for rank, (docid, score) in enumerate(ranked, 1):

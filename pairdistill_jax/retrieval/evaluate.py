@@ -17,7 +17,7 @@ import json
 import logging
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -151,35 +151,47 @@ def hits_to_run(qids: list[str], doc_ids: list[str], scores_QxK: np.ndarray, ids
 
 @dataclasses.dataclass
 class Retrieved:
-  """A run ({qid: {docid: score}}, only on process 0), the index kind used and the seconds per stage."""
+  """The run as a stream of (qid, {docid: score}) (empty off process 0), the index kind, seconds per stage.
 
-  run: dict[str, dict[str, float]]
+  Iterating `run` encodes and searches the queries block by block; `seconds` fills in as it goes.
+  """
+
+  run: Iterator[tuple[str, dict[str, float]]]
   index: str
   seconds: dict[str, float]
 
 
 def retrieve(encoder: Encoder, collection: Mapping[str, str], queries: Mapping[str, str],
-             e: ml_collections.ConfigDict, corpus_dir: str | pathlib.Path, *, drop_self: bool = False) -> Retrieved:
-  """Encodes the collection (resumably, into corpus_dir) and the queries; searches the best `e.k` per query.
-
-  Every process helps encode; only process 0 searches (the others get an empty run).
-  """
+             e: ml_collections.ConfigDict, corpus_dir: str | pathlib.Path, *, drop_self: bool = False,
+             query_block: int = 16_384) -> Retrieved:
+  """Encodes the collection (every process helps; resumable in corpus_dir) and builds its index; the run
+  then streams from process 0, `query_block` queries encoded and searched at a time (the best `e.k` each),
+  so 800k training queries never sit in memory at once."""
   start = time.perf_counter()
   doc_ids = list(collection)
   store = corpus.encode_corpus(encoder, [collection[d] for d in doc_ids], corpus_dir,
                                batch_size=e.batch_size, chunk_size=e.chunk_size)
-  encoded = time.perf_counter()
-  qids = list(queries)
-  queries_encoded = encoder.encode_queries([queries[q] for q in qids], e.batch_size)
   options = _search_options(e)
-  index = options.resolve(store)
-  seconds = {"encode_corpus": encoded - start, "encode_queries": time.perf_counter() - encoded}
+  seconds = {"encode_corpus": time.perf_counter() - start}
   if jax.process_index() != 0:
-    return Retrieved({}, index, seconds)
-  searched = time.perf_counter()
-  scores, ids = search.search(queries_encoded, store, e.k + int(drop_self), options, encoder.mesh)
-  seconds["search"] = time.perf_counter() - searched
-  return Retrieved(hits_to_run(qids, doc_ids, scores, ids, e.k, drop_self), index, seconds)
+    return Retrieved(iter(()), options.resolve(store), seconds)
+  started = time.perf_counter()
+  searcher = search.Searcher(store, options, encoder.mesh)
+  seconds.update(index=time.perf_counter() - started, encode_queries=0.0, search=0.0)
+
+  def stream() -> Iterator[tuple[str, dict[str, float]]]:
+    qids = list(queries)
+    for begin in range(0, len(qids), query_block):
+      block = qids[begin:begin + query_block]
+      started = time.perf_counter()
+      encoded = encoder.encode_queries([queries[q] for q in block], e.batch_size)
+      searched = time.perf_counter()
+      scores, ids = searcher.search(encoded, e.k + int(drop_self))
+      seconds["encode_queries"] += searched - started
+      seconds["search"] += time.perf_counter() - searched
+      yield from hits_to_run(block, doc_ids, scores, ids, e.k, drop_self).items()
+
+  return Retrieved(stream(), searcher.kind, seconds)
 
 
 def evaluate(encoder: Encoder, data: EvalData, e: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
@@ -188,12 +200,13 @@ def evaluate(encoder: Encoder, data: EvalData, e: ml_collections.ConfigDict, out
   out_dir = pathlib.Path(out_dir)
   start = time.perf_counter()
   retrieved = retrieve(encoder, data.collection, data.queries, e, out_dir / "corpus", drop_self=data.drop_self)
+  run = dict(retrieved.run)
   seconds, index = retrieved.seconds, retrieved.index
   if jax.process_index() != 0:
     return EvalResult({}, encoder.name, len(data.qrels), len(data.collection), index, dict(seconds, total=0.0),
                       out_dir)
-  formats.write_run(out_dir / RUN_FILE, retrieved.run)
-  values = metrics.compute_metrics(retrieved.run, data.qrels, e.metrics)
+  formats.write_run(out_dir / RUN_FILE, run)
+  values = metrics.compute_metrics(run, data.qrels, e.metrics)
   seconds["total"] = time.perf_counter() - start
   result = EvalResult(values, encoder.name, len(data.qrels), len(data.collection), index, seconds, out_dir)
   with formats.atomic_write(out_dir / METRICS_FILE) as f:

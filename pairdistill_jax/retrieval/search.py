@@ -58,17 +58,40 @@ class SearchOptions:
     return kind
 
 
+class Searcher:
+  """The index of a store, built once (FAISS flat / IVF-PQ); `search` then answers any number of query blocks."""
+
+  def __init__(self, store: Store, options: SearchOptions = SearchOptions(), mesh: jax.sharding.Mesh | None = None):
+    self.store, self.options = store, options
+    self.kind = options.resolve(store)
+    self.mesh = mesh or devices.local_mesh()
+    _log.info("Search: %s over %d documents", self.kind, store.num_docs)
+    self.index = None
+    if isinstance(store, DenseStore):
+      self.index = _ivfpq_index(store, store.num_docs, options) if self.kind == "ivfpq" else _flat_index(store)
+    elif self.kind == "ivfpq":
+      self.index = _ivfpq_index(store, store.num_tokens, options)
+
+  def search(self, queries: np.ndarray, k: int) -> Hits:
+    """The top-k documents of each query: DPR queries [Q, dim], ColBERT queries [Q, Lq, dim]."""
+    if isinstance(self.store, DenseStore):
+      return faiss_index.search(self.index, queries, k)
+    if self.kind == "exact":
+      return maxsim_exact(queries, self.store, k, self.mesh)
+    return maxsim_ivfpq(queries, self.store, k, self.mesh, self.options, self.index)
+
+
 def search(queries: np.ndarray, store: Store, k: int, options: SearchOptions = SearchOptions(),
            mesh: jax.sharding.Mesh | None = None) -> Hits:
-  """The top-k documents of each query: DPR queries [Q, dim], ColBERT queries [Q, Lq, dim]."""
-  kind = options.resolve(store)
-  _log.info("Search: %s over %d documents, k=%d", kind, store.num_docs, k)
-  if isinstance(store, DenseStore):
-    return dense_search(queries, store, k, options if kind == "ivfpq" else None)
-  mesh = mesh or devices.local_mesh()
-  if kind == "exact":
-    return maxsim_exact(queries, store, k, mesh)
-  return maxsim_ivfpq(queries, store, k, mesh, options)
+  """The top-k documents of each query (one block of queries; `Searcher` keeps the index for more)."""
+  return Searcher(store, options, mesh).search(queries, k)
+
+
+def _flat_index(store: DenseStore):
+  index = faiss_index.flat_ip(store.dim)
+  for chunk in store.chunks:
+    faiss_index.add(index, chunk)
+  return index
 
 
 def _ivfpq_index(store: Store, n_vectors: int, options: SearchOptions):
@@ -81,17 +104,6 @@ def _ivfpq_index(store: Store, n_vectors: int, options: SearchOptions):
   for chunk in store.chunks:
     faiss_index.add(index, chunk)
   return index
-
-
-def dense_search(q_QxD: np.ndarray, store: DenseStore, k: int, ivfpq: SearchOptions | None = None) -> Hits:
-  """Inner-product top-k with FAISS: exact (IndexFlatIP), or IVF-PQ with `ivfpq`'s settings."""
-  if ivfpq is None:
-    index = faiss_index.flat_ip(store.dim)
-    for chunk in store.chunks:
-      faiss_index.add(index, chunk)
-  else:
-    index = _ivfpq_index(store, store.num_docs, ivfpq)
-  return faiss_index.search(index, q_QxD, k)
 
 
 def _merge_top_k(top_QxK, top_ids_QxK, scores_QxM, ids_M, k: int):
@@ -160,10 +172,13 @@ def _rerank(q_LxD: np.ndarray, candidates: np.ndarray, store: TokenStore, width:
 
 
 def maxsim_ivfpq(q_QxLxD: np.ndarray, store: TokenStore, k: int, mesh: jax.sharding.Mesh,
-                 options: SearchOptions) -> Hits:
-  """ColBERTv1 end-to-end retrieval: token-level IVF-PQ candidates, then exact MaxSim re-ranking."""
+                 options: SearchOptions, index=None) -> Hits:
+  """ColBERTv1 end-to-end retrieval: token-level IVF-PQ candidates, then exact MaxSim re-ranking.
+
+  `index`: the store's token index (built here when None).
+  """
   n_queries, query_len, dim = q_QxLxD.shape
-  index = _ivfpq_index(store, store.num_tokens, options)
+  index = index if index is not None else _ivfpq_index(store, store.num_tokens, options)
   _, tokens = faiss_index.search(index, q_QxLxD.reshape(-1, dim), options.faiss_depth)
   tokens_QxT = tokens.reshape(n_queries, query_len * options.faiss_depth)
   doc_of_token = store.doc_of_token()

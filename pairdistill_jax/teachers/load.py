@@ -102,7 +102,10 @@ def t5(cfg: ml_collections.ConfigDict, role: str) -> Teacher:
 
 
 def retriever(encoder: Encoder) -> Teacher:
-  """A student retriever as the pointwise teacher: its MaxSim (ColBERT) or dot product (DPR) score."""
+  """A student retriever as the pointwise teacher: its MaxSim (ColBERT) or dot product (DPR) score.
+
+  Its name carries the encoder's fingerprint (weights and settings): two students at the same step differ.
+  """
   tok = encoder.tokenizer
   module = encoder.module
   colbert = isinstance(tok, ColBERTTokenizer)
@@ -135,9 +138,21 @@ def retriever(encoder: Encoder) -> Teacher:
 
   shape = (1, 8)
   pad = tok.tokenizer.pad_token_id or 0
-  return Teacher(f"retriever:{encoder.name}", encode, apply, host_tree(encoder.params),
+  return Teacher(f"retriever:{encoder.name}:{encoder.fingerprint[:12]}", encode, apply, host_tree(encoder.params),
                  _abstract(module, shape, shape, shape, shape),
                  {"q_ids": pad, "d_ids": pad})
+
+
+_NEEDS_MODEL = ("cross_encoder", "duobert", "monot5", "duot5")
+
+
+def check_model_dirs(t: ml_collections.ConfigDict) -> None:
+  """Raises FileNotFoundError naming the field when a teacher's `model` directory is missing (checked before
+  hours of mining and scoring)."""
+  for role in ("pointwise", "pairwise"):
+    cfg = t[role]
+    if cfg.kind in _NEEDS_MODEL or (cfg.kind == "retriever" and cfg.model):
+      _model_dir(cfg, role)
 
 
 def load(cfg: ml_collections.ConfigDict, role: str, student: Callable[..., Encoder] | None = None) -> Teacher:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import shutil
 import time
 
 import jax
@@ -41,7 +42,7 @@ def resolve(template: str, workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, model: str = "", *,
-                    query_maxlen: int = 0, doc_maxlen: int = 0) -> Encoder:
+                    query_maxlen: int = 0, doc_maxlen: int = 0, field: str = "mine.model") -> Encoder:
   """The retriever named by `model`, else the workdir's checkpoint, else the config's initial weights."""
   if not model:
     try:
@@ -54,7 +55,7 @@ def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
             f"weights; train first, or set --config.mine.model (or init.checkpoint / init.pretrained) to a "
             f"model directory") from None
   if not pathlib.Path(model).is_dir():
-    raise FileNotFoundError(f"retriever {model!r} is not a local directory (nothing is downloaded at run time)")
+    raise FileNotFoundError(f"{field}={model!r} is not a local directory (nothing is downloaded at run time)")
   if students.is_workdir(model):
     return _trained_encoder(checkpoint.load_trained(model), query_maxlen, doc_maxlen)
   return encoders.from_model_dir(model, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
@@ -72,26 +73,38 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
   m = config.mine
   start = time.perf_counter()
   out = resolve(m.output, workdir)
-  encoder = student_encoder(config, workdir, m.model, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
+  encoder = student_encoder(config, workdir, m.model, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen,
+                            field="mine.model")
   settings = {"model": encoder.name, "fingerprint": encoder.fingerprint, "queries": str(queries_path),
-              "collection": str(collection_path), "k": m.k, "index": m.index, "nprobe": m.nprobe,
-              "faiss_depth": m.faiss_depth}
+              "collection": str(collection_path), "query_maxlen": encoder.tokenizer.query_maxlen,
+              **{k: m[k] for k in ("k", "index", "nprobe", "faiss_depth", "exact_max_tokens")}}
   sidecar = out.with_name(out.name + ".json")
-  if out.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == settings:
+  if distributed.agree(read_json(sidecar) == settings and out.exists()):
     _log.info("Mining: %s is up to date (same model and settings); skipped", out)
     return Mined(out, -1, -1, encoder.name, 0.0, skipped=True)
   collection = formats.read_collection(collection_path)
   queries = formats.read_queries(queries_path)
   _log.info("Mining the top %d of %d queries (%s) over %d passages (%s) with %s", m.k, len(queries),
             queries_path, len(collection), collection_path, encoder.name)
-  retrieved = evaluate.retrieve(encoder, collection, queries, m, out.parent / "corpus")
+  corpus_dir = out.parent / "corpus"
+  retrieved = evaluate.retrieve(encoder, collection, queries, m, corpus_dir, query_block=m.query_block)
   if jax.process_index() == 0:
     out.parent.mkdir(parents=True, exist_ok=True)
     formats.write_run(out, retrieved.run, tag="pairdistill-mine")
     with formats.atomic_write(sidecar) as f:
       json.dump(settings, f, indent=2)
   distributed.barrier("mined run written")
+  if not m.keep_corpus and jax.process_index() == 0:
+    shutil.rmtree(corpus_dir, ignore_errors=True)
   seconds = time.perf_counter() - start
   _log.info("Mined %s in %.1f s (%s)", out, seconds,
             ", ".join(f"{k} {v:.1f} s" for k, v in retrieved.seconds.items()))
   return Mined(out, len(queries), len(collection), encoder.name, seconds)
+
+
+def read_json(path: pathlib.Path) -> dict | None:
+  """A small JSON record (a sidecar or manifest), or None when it is missing or unreadable."""
+  try:
+    return json.loads(path.read_text())
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None

@@ -17,7 +17,7 @@ import ml_collections
 
 from pairdistill_jax import config_lib
 from pairdistill_jax.convert import students
-from pairdistill_jax.teachers import mining, score
+from pairdistill_jax.teachers import load, mining, score
 
 _log = logging.getLogger(__name__)
 
@@ -35,9 +35,10 @@ def round_config(config: ml_collections.ConfigDict, previous: pathlib.Path | Non
                  paths) -> ml_collections.ConfigDict:
   """A mining round's config: mine with and start from `previous` (None: the config's initial model)."""
   c = ml_collections.ConfigDict(config.to_dict())
-  if previous is not None:
-    c.init.checkpoint = str(previous)
-  c.mine.model = c.mine.model or students.init_source(c)[1]  # pinned: a rerun mines with the same model
+  if previous is None:  # round 1: mine.model if set, else the initial model; pinned so a rerun uses the same
+    c.mine.model = c.mine.model or students.init_source(c)[1]
+  else:
+    c.init.checkpoint = c.mine.model = str(previous)
   c.data.update(demo=False, collection=paths.collection, queries=paths.queries, train="")
   if config.data.demo:
     for field in ("collection", "queries", "qrels"):
@@ -52,6 +53,8 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
   count = config.rounds.count
   if count < 1:
     raise config_lib.ConfigError(f"rounds.count must be >= 1, got {count}")
+  score.check_teacher_config(config.teacher)  # before any training, mining or scoring
+  load.check_model_dirs(config.teacher)
   first = round_dir(workdir, 1)
   summaries = []
   if config.data.demo or config.data.train:
@@ -81,5 +84,6 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
 def student_factory(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
   """For a retriever teacher: its `model`, or '' = the retriever `--mode=mine` uses."""
   def build(cfg: ml_collections.ConfigDict):
-    return mining.student_encoder(config, workdir, cfg.model or config.mine.model, doc_maxlen=cfg.max_length)
+    return mining.student_encoder(config, workdir, cfg.model or config.mine.model, doc_maxlen=cfg.max_length,
+                                  field="teacher.pointwise.model" if cfg.model else "mine.model")
   return build

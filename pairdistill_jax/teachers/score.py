@@ -17,6 +17,7 @@ import logging
 import pathlib
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -29,7 +30,7 @@ from pairdistill_jax import distributed, sharding
 from pairdistill_jax.data import formats
 from pairdistill_jax.retrieval import metrics
 from pairdistill_jax.teachers import load, pairs
-from pairdistill_jax.teachers.mining import resolve
+from pairdistill_jax.teachers.mining import read_json, resolve
 from pairdistill_jax.teachers.runner import ShardedScorer, Teacher
 
 CHUNKS_SUFFIX = ".chunks"
@@ -75,13 +76,15 @@ def _file_digest(path: pathlib.Path) -> str:
 
 
 def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries_path: str, collection_path: str,
-             pointwise_name: str) -> dict:
+             pointwise_name: str, tensor: int) -> dict:
   """What the output depends on; chunks of other settings are never mixed into it."""
-  roles = {role: {k: t[role][k] for k in ("kind", "model", "tokenizer", "max_length", "dtype", "batch_per_device")}
+  roles = {role: {k: t[role][k] for k in ("kind", "model", "tokenizer", "max_length", "dtype")}
            for role in ("pointwise", "pairwise")}
   roles["pointwise"]["resolved"] = pointwise_name
+  # Not batch_per_device (a restart after running out of memory may lower it) nor the data/fsdp axes: rows
+  # are scored independently. A tensor axis splits the sums inside each row, so its size is recorded.
   return {"run": str(run_path), "run_sha256": _file_digest(run_path), "queries": str(queries_path),
-          "collection": str(collection_path), **roles,
+          "collection": str(collection_path), **roles, "mesh_tensor": tensor,
           **{k: t[k] for k in ("top_n", "nway", "topk", "max_distance", "n_pairs", "seed", "chunk_queries",
                                "bucket_multiple")}}
 
@@ -128,18 +131,18 @@ def _done_chunks(directory: pathlib.Path, count: int) -> np.ndarray:
 
 
 def _prepare_chunks(directory: pathlib.Path, manifest: dict) -> None:
-  if jax.process_index() == 0:
-    path = directory / MANIFEST
-    if path.exists():
-      old = json.loads(path.read_text())
-      if old != manifest:
-        changed = sorted(k for k in manifest.keys() | old.keys() if old.get(k) != manifest.get(k))
-        raise ValueError(f"{directory} holds chunks scored with other settings (differing: {', '.join(changed)}); "
-                         f"delete it to start over, or set --config.teacher.output elsewhere")
-    else:
-      directory.mkdir(parents=True, exist_ok=True)
-      with formats.atomic_write(path) as f:
-        json.dump(manifest, f, indent=2)
+  """Makes `directory` hold chunks of these settings only; refuses (on every process) chunks of others."""
+  old = read_json(directory / MANIFEST) if jax.process_index() == 0 else None
+  if distributed.agree(old is not None and old != manifest):
+    changed = sorted(k for k in manifest.keys() | (old or {}).keys() if (old or {}).get(k) != manifest.get(k))
+    raise ValueError(f"{directory} holds chunks scored with other settings (differing: "
+                     f"{', '.join(changed) or 'see its manifest.json'}); delete it to start over, or set "
+                     f"--config.teacher.output elsewhere")
+  if jax.process_index() == 0 and old is None:
+    shutil.rmtree(directory, ignore_errors=True)  # chunks without a manifest (an interrupted clean-up) are stale
+    directory.mkdir(parents=True)
+    with formats.atomic_write(directory / MANIFEST) as f:
+      json.dump(manifest, f, indent=2)
   distributed.barrier("score chunks prepared")
 
 
@@ -202,16 +205,20 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   run_path, out = resolve(t.run, workdir), resolve(t.output, workdir)
   if not run_path.exists():
     raise FileNotFoundError(f"teacher.run: {run_path} does not exist; mine it first (--mode=mine)")
+  load.check_model_dirs(t)
+  try:
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
+  except ValueError as e:
+    raise ValueError(f"teacher.mesh: {e}") from None
   pointwise = load.load(t.pointwise, "pointwise", student)
-  manifest = settings(t, run_path, queries_path, collection_path, pointwise.name)
-  sidecar = out.with_name(out.name + ".json")
-  if out.exists() and sidecar.exists() and json.loads(sidecar.read_text()).get("settings") == manifest:
+  manifest = settings(t, run_path, queries_path, collection_path, pointwise.name, mesh.shape["tensor"])
+  sidecar = read_json(out.with_name(out.name + ".json")) or {}
+  if distributed.agree(out.exists() and sidecar.get("settings") == manifest):
     _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
     return Scored(out, -1, -1, 0.0, 0.0, 0.0, skipped=True)
   queries, collection = formats.read_queries(queries_path), formats.read_collection(collection_path)
   n_queries = _count_and_check(run_path, queries, collection, queries_path, collection_path)
   pairwise = None if t.pairwise.kind in ("none", "pointwise") else load.load(t.pairwise, "pairwise")
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
   teachers = _Teachers(t, pointwise, pairwise, mesh, sharding.rules(config))
 
   chunk_dir = out.with_name(out.name + CHUNKS_SUFFIX)
@@ -257,6 +264,8 @@ def _join_chunks(chunk_dir: pathlib.Path, n_chunks: int, out: pathlib.Path, mani
         f.write(text)
     with formats.atomic_write(out.with_name(out.name + ".json")) as f:
       json.dump({"settings": manifest, "pairs": num_pairs}, f, indent=2)
-    shutil.rmtree(chunk_dir)
+    trash = chunk_dir.with_name(f".{chunk_dir.name}.{uuid.uuid4().hex}.deleted")
+    chunk_dir.rename(trash)  # atomic: no half-deleted chunk directory is ever seen again
+    shutil.rmtree(trash)
   distributed.barrier("scored lines written")
   return num_pairs

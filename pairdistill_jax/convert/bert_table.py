@@ -133,8 +133,8 @@ def hf_to_flax(state_dict: Mapping[str, np.ndarray], config: BertConfig,
       mismatched.append(f"{key}: expected shape {e.hf_shape}, found {value.shape}")
       continue
     flat[tuple(e.flax.split("/"))] = np.ascontiguousarray(e.transform(value), dtype=np.float32)
-  _raise_if_any("HF state dict does not fit the BERT config",
-                [f"missing {k}" for k in missing] + mismatched)
+  raise_if_any("HF state dict does not fit the BERT config",
+               [f"missing {k}" for k in missing] + mismatched)
   buffers = {prefix + b for b in IGNORED_BUFFERS}
   unplaced = sorted(k for k in state_dict
                     if k.startswith(prefix) and k not in used and k not in buffers)
@@ -143,20 +143,24 @@ def hf_to_flax(state_dict: Mapping[str, np.ndarray], config: BertConfig,
 
 def flax_to_hf(params: Mapping, config: BertConfig, prefix: str = "") -> dict[str, np.ndarray]:
   """BertEncoder params (boxed or plain, any array type) -> HF state dict of float32 numpy."""
+  return params_to_state_dict(params, expand(config), "BERT", prefix)
+
+
+def params_to_state_dict(params: Mapping, entries: list[Entry], model: str, prefix: str = "") -> dict[str, np.ndarray]:
+  """Flax params (boxed or plain) -> the HF tensors of `entries` as float32 numpy; every parameter must fit."""
   flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
-  entries = expand(config)
   missing = [e.flax for e in entries if e.flax not in flat]
   mismatched = [f"{e.flax}: expected shape {e.shape}, found {np.shape(flat[e.flax])}"
                 for e in entries if e.flax in flat and np.shape(flat[e.flax]) != e.shape]
   unknown = sorted(flat.keys() - {e.flax for e in entries})
-  _raise_if_any("Flax params do not fit the BERT config",
-                [f"missing {p}" for p in missing] + mismatched
-                + [f"no HF name for parameter {p}" for p in unknown])
+  raise_if_any(f"Flax params do not fit the {model} config",
+               [f"missing {p}" for p in missing] + mismatched
+               + [f"no HF name for parameter {p}" for p in unknown])
   return {prefix + e.hf: np.ascontiguousarray(e.transform(np.asarray(flat[e.flax], np.float32)))
           for e in entries}
 
 
-def _raise_if_any(what: str, problems: list[str]) -> None:
+def raise_if_any(what: str, problems: list[str]) -> None:
   if problems:
     raise ValueError(
         f"{what} ({len(problems)} problems; check the checkpoint, the prefix and the config):\n  "

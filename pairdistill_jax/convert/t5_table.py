@@ -10,12 +10,11 @@ import dataclasses
 import pathlib
 from collections.abc import Mapping
 
-import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
 from pairdistill_jax.convert import hf_io
-from pairdistill_jax.convert.bert_table import Entry, Rule, Transform
+from pairdistill_jax.convert.bert_table import Entry, Rule, Transform, params_to_state_dict, raise_if_any
 from pairdistill_jax.models.t5 import T5Config
 
 
@@ -119,8 +118,8 @@ def hf_to_flax(state_dict: Mapping[str, np.ndarray], config: T5Config) -> tuple[
       mismatched.append(f"{e.hf}: expected shape {e.hf_shape}, found {value.shape}")
       continue
     flat[tuple(e.flax.split("/"))] = np.ascontiguousarray(e.transform(value), dtype=np.float32)
-  _raise_if_any("HF state dict does not fit the T5 config",
-                [f"missing {k}" for k in missing] + mismatched + _copy_problems(state_dict, config))
+  raise_if_any("HF state dict does not fit the T5 config",
+               [f"missing {k}" for k in missing] + mismatched + _copy_problems(state_dict, config))
   known = {e.hf for e in expand(config)} | set(_tied_copies(config)) | set(IGNORED_KEYS)
   return traverse_util.unflatten_dict(flat), sorted(state_dict.keys() - known)
 
@@ -130,17 +129,7 @@ def flax_to_hf(params: Mapping, config: T5Config) -> dict[str, np.ndarray]:
 
   Tied copies of shared.weight are left out, as `save_pretrained` does.
   """
-  flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
-  entries = expand(config)
-  missing = [e.flax for e in entries if e.flax not in flat]
-  mismatched = [f"{e.flax}: expected shape {e.shape}, found {np.shape(flat[e.flax])}"
-                for e in entries if e.flax in flat and np.shape(flat[e.flax]) != e.shape]
-  unknown = sorted(flat.keys() - {e.flax for e in entries})
-  _raise_if_any("Flax params do not fit the T5 config",
-                [f"missing {p}" for p in missing] + mismatched
-                + [f"no HF name for parameter {p}" for p in unknown])
-  return {e.hf: np.ascontiguousarray(e.transform(np.asarray(flat[e.flax], np.float32)))
-          for e in entries}
+  return params_to_state_dict(params, expand(config), "T5")
 
 
 def _tie_from_weights(config: T5Config, state_dict: Mapping[str, np.ndarray]) -> T5Config:
@@ -169,10 +158,3 @@ def import_t5(directory: hf_io.PathLike) -> tuple[T5Config, dict]:
     raise ValueError(f"{d}: cannot place these tensors in a T5ForConditionalGeneration: {unplaced}; "
                      f"is this a T5 / mT5 checkpoint (not e.g. UMT5 or a T5 with extra heads)?")
   return config, params
-
-
-def _raise_if_any(what: str, problems: list[str]) -> None:
-  if problems:
-    raise ValueError(
-        f"{what} ({len(problems)} problems; check the checkpoint and the config):\n  "
-        + "\n  ".join(problems))

@@ -57,6 +57,5 @@ def get_config(arg=None):
     c.optim.update(lr=5e-4, warmup_steps=20)
     c.train.update(log_every=10, checkpoint_every=50)
     c.eval.update(config_lib.demo_eval_fields())
-    c.teacher.n_pairs = c.data.max_pairs
     config_lib.demo_teacher_overrides(c)
   return c

@@ -123,7 +123,7 @@ def demo_teacher_overrides(c: ml_collections.ConfigDict) -> None:
   """The demo has no cross-encoder weights: the mining student is the pointwise teacher, and the pairwise
   preferences are the log-sigmoids of its margins (the loop runs end to end, it does not get a better teacher)."""
   c.mine.update(k=40, batch_size=64)
-  c.teacher.update(top_n=40, chunk_queries=128)
+  c.teacher.update(top_n=40, chunk_queries=128, n_pairs=c.data.max_pairs)
   c.teacher.pointwise.update(kind="retriever", max_length=0, dtype="float32", batch_per_device=16)
   c.teacher.pairwise.update(kind="pointwise", dtype="float32")
 

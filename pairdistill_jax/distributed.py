@@ -56,8 +56,13 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def from_process_0(value: np.ndarray) -> np.ndarray:
+  """Process 0's `value` (an array of the same shape everywhere) on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(value)
+  return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
 def agree(flag: bool) -> bool:
   """Process 0's `flag` on every process: decisions that read files stay the same everywhere."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+  return bool(from_process_0(np.int32(flag)))

@@ -114,8 +114,6 @@ def run_teacher_stage(config, workdir: str, mode: str) -> int:
   paths = loop.data_paths(config, pathlib.Path(workdir))
   queries, collection = stage.queries or paths.queries, stage.collection or paths.collection
   try:
-    if mode == "score":
-      score.check_teacher_config(config.teacher)
     for field, path in (("queries", queries), ("collection", collection)):
       if not path:
         raise ValueError(f"{section}.{field} and data.{field} are empty: set --config.data.{field}=PATH")

@@ -77,6 +77,13 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
+def aligned(rows: Sequence[Sequence[str]]) -> str:
+  """Text rows as a table: the first column left-aligned, the others right-aligned."""
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                   for row in rows)
+
+
 def emit(record: dict, workdir: str | pathlib.Path | None) -> None:
   """Prints the record as one `BENCHMARK {json}` line and appends it to WORKDIR/benchmark.jsonl."""
   line = json.dumps(record)

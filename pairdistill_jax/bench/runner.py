@@ -312,9 +312,7 @@ def table(records: Sequence[dict]) -> str:
   for r in records:
     cells = _cells(r)
     rows.append([fmt.format(cells[name]) if cells[name] is not None else "-" for name, fmt in _COLUMNS])
-  widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-  return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                   for row in rows)
+  return measure.aligned(rows)
 
 
 def collectives_table(records: Sequence[dict]) -> str:

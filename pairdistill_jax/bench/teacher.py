@@ -16,8 +16,9 @@ import ml_collections
 import numpy as np
 
 from pairdistill_jax import sharding
+from pairdistill_jax.bench import measure
 from pairdistill_jax.teachers import load
-from pairdistill_jax.teachers.runner import ShardedScorer
+from pairdistill_jax.teachers.runner import ShardedScorer, teacher_mesh
 
 _WORDS = ("the of and to in is that for it as with was on by are this be from at or an which have not they "
           "protein cell gene cancer patients study results effect treatment risk water energy model data "
@@ -59,7 +60,7 @@ def run(config: ml_collections.ConfigDict, student: Callable | None = None,
         devices: Sequence[jax.Device] | None = None) -> list[dict]:
   """One record per teacher of config.teacher (the pairwise one unless its kind is none/pointwise)."""
   t, b = config.teacher, config.benchmark
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
+  mesh = teacher_mesh(t, devices)
   rules = sharding.rules(config)
   roles = [("pointwise", 2, "passages_per_s")]
   if t.pairwise.kind not in ("none", "pointwise"):
@@ -82,6 +83,4 @@ def table(records: Sequence[dict]) -> str:
   rows = [header] + [(r["variant"], str(r["devices"]), str(r["rows_per_batch"]), f"{r['items_per_s']:.1f}",
                       f"{r['tokens_per_s']:.0f}", f"{r['tokenize_items_per_s']:.0f}",
                       f"{r['compile_and_first_pass_s']:.1f}") for r in records]
-  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-  return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                   for row in rows)
+  return measure.aligned(rows)

@@ -183,6 +183,20 @@ def atomic_write(path: PathLike) -> Iterator[IO[str]]:
     raise
 
 
+def sidecar(path: PathLike) -> pathlib.Path:
+  """The JSON record written beside an output file (`run.trec` -> `run.trec.json`)."""
+  path = pathlib.Path(path)
+  return path.with_name(path.name + ".json")
+
+
+def read_record(path: PathLike) -> dict | None:
+  """A small JSON record (a sidecar or manifest), or None when it is missing or unreadable."""
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
 # ------------------------------------------------------------------------------------ training lines
 
 

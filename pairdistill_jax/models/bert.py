@@ -32,6 +32,15 @@ REMAT_POLICIES = {
 }
 
 
+def read_hf_config(path: str | os.PathLike, model: str) -> dict:
+  """An HF config.json as a dict; a clear error naming the file when it is not JSON."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}); expected an HF {model} config.json.") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """The BERT hyperparameters that change the computation (HF `BertConfig` field names)."""
@@ -73,12 +82,7 @@ class BertConfig:
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> "BertConfig":
-    with open(path, encoding="utf-8") as f:
-      try:
-        d = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected an HF BERT config.json.") from e
-    return cls.from_hf_dict(d)
+    return cls.from_hf_dict(read_hf_config(path, "BERT"))
 
   def to_hf_dict(self) -> dict:
     """An HF config.json dict (`transformers.BertConfig(**d)` loads it); no add_pooling_layer."""

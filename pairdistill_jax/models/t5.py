@@ -11,7 +11,6 @@ N heads, K d_kv, I heads * d_kv, F d_ff, V vocabulary, T scored tokens.
 """
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pairdistill_jax.models.bert import attention_mask_bias
+from pairdistill_jax.models.bert import attention_mask_bias, read_hf_config
 
 Array = jax.Array
 Axes = tuple[str | None, ...]
@@ -102,11 +101,7 @@ class T5Config:
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> "T5Config":
-    with open(path, encoding="utf-8") as f:
-      try:
-        d = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected an HF T5 config.json.") from e
+    d = read_hf_config(path, "T5")
     try:
       return cls.from_hf_dict(d)
     except ValueError as e:

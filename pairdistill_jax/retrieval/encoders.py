@@ -13,7 +13,7 @@ import json
 import logging
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,9 @@ from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, lo
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.models.students import DPR, ColBERT, l2_normalize, make_student
 from pairdistill_jax.retrieval import devices
+
+if TYPE_CHECKING:
+  from pairdistill_jax.checkpoint import TrainedModel
 
 Tokenizer = ColBERTTokenizer | DPRTokenizer
 _ST_MODULES = "modules.json"
@@ -149,6 +152,13 @@ def from_params(model_config: ml_collections.ConfigDict, bert_config: BertConfig
   else:
     tok = DPRTokenizer(tokenizer, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
   return Encoder(m.kind, make_student(model_config, bert_config), params, tok, name=name)
+
+
+def from_trained(trained: TrainedModel, *, query_maxlen: int = 0, doc_maxlen: int = 0) -> Encoder:
+  """A workdir's trained student (`checkpoint.load_trained`), named kind@step."""
+  return from_params(trained.config.model, trained.bert_config, trained.params, trained.tokenizer_dir,
+                     query_maxlen=query_maxlen, doc_maxlen=doc_maxlen,
+                     name=f"{trained.config.model.kind}@{trained.step}")
 
 
 def from_model_dir(directory: str | pathlib.Path, *, pooling: str | None = None, query_maxlen: int = 0,

@@ -66,7 +66,8 @@ class EvalResult:
     return metrics.format_table(self.metrics, title)
 
 
-def _path(template: str, workdir: pathlib.Path) -> pathlib.Path:
+def resolve_path(template: str, workdir: str | pathlib.Path) -> pathlib.Path:
+  """A config path that may name {workdir}."""
   return pathlib.Path(template.format(workdir=workdir))
 
 
@@ -103,11 +104,11 @@ def _read_qrels(path: pathlib.Path) -> dict[str, dict[str, int]]:
 
 
 def _beir_paths(e: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, ...]:
-  root = _path(e.collection, workdir)
+  root = resolve_path(e.collection, workdir)
   corpus_path = root if root.is_file() else root / "corpus.jsonl"
   root = corpus_path.parent
-  queries = _path(e.queries, workdir) if e.queries else root / "queries.jsonl"
-  qrels = _path(e.qrels, workdir) if e.qrels else root / "qrels" / f"{e.split}.tsv"
+  queries = resolve_path(e.queries, workdir) if e.queries else root / "queries.jsonl"
+  qrels = resolve_path(e.qrels, workdir) if e.qrels else root / "qrels" / f"{e.split}.tsv"
   return corpus_path, queries, qrels
 
 
@@ -118,7 +119,7 @@ def load_data(e: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Eval
     corpus_path, queries_path, qrels_path = _beir_paths(e, workdir)
     collection, all_queries = formats.read_beir_corpus(corpus_path), formats.read_beir_queries(queries_path)
   else:
-    corpus_path, queries_path, qrels_path = (_path(e[f], workdir) for f in ("collection", "queries", "qrels"))
+    corpus_path, queries_path, qrels_path = (resolve_path(e[f], workdir) for f in ("collection", "queries", "qrels"))
     collection, all_queries = formats.read_collection(corpus_path), formats.read_queries(queries_path)
   qrels = _read_qrels(qrels_path)
   queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
@@ -235,10 +236,8 @@ def evaluate_trained(trained: TrainedModel, eval_config: ml_collections.ConfigDi
                      workdir: str | pathlib.Path) -> EvalResult:
   """Evaluates a workdir's trained model (the model of its own config) on the data of `eval_config`."""
   check_eval_config(eval_config)
-  encoder = encoders.from_params(trained.config.model, trained.bert_config, trained.params,
-                                 trained.tokenizer_dir, query_maxlen=eval_config.query_maxlen,
-                                 doc_maxlen=eval_config.doc_maxlen,
-                                 name=f"{trained.config.model.kind}@{trained.step}")
+  encoder = encoders.from_trained(trained, query_maxlen=eval_config.query_maxlen,
+                                  doc_maxlen=eval_config.doc_maxlen)
   return evaluate(encoder, load_data(eval_config, workdir), eval_config, pathlib.Path(workdir) / EVAL_DIR,
                   extra={"step": trained.step})
 

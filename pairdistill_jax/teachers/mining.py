@@ -37,16 +37,13 @@ class Mined:
   skipped: bool = False
 
 
-def resolve(template: str, workdir: str | pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(template.format(workdir=workdir))
-
-
 def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, model: str = "", *,
                     query_maxlen: int = 0, doc_maxlen: int = 0, field: str = "mine.model") -> Encoder:
   """The retriever named by `model`, else the workdir's checkpoint, else the config's initial weights."""
   if not model:
     try:
-      return _trained_encoder(checkpoint.load_trained(workdir), query_maxlen, doc_maxlen)
+      return encoders.from_trained(checkpoint.load_trained(workdir), query_maxlen=query_maxlen,
+                                   doc_maxlen=doc_maxlen)
     except FileNotFoundError:
       field, model = students.init_source(config)
       if not field:
@@ -57,14 +54,8 @@ def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   if not pathlib.Path(model).is_dir():
     raise FileNotFoundError(f"{field}={model!r} is not a local directory (nothing is downloaded at run time)")
   if students.is_workdir(model):
-    return _trained_encoder(checkpoint.load_trained(model), query_maxlen, doc_maxlen)
+    return encoders.from_trained(checkpoint.load_trained(model), query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
   return encoders.from_model_dir(model, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
-
-
-def _trained_encoder(trained: checkpoint.TrainedModel, query_maxlen: int, doc_maxlen: int) -> Encoder:
-  return encoders.from_params(trained.config.model, trained.bert_config, trained.params, trained.tokenizer_dir,
-                              query_maxlen=query_maxlen, doc_maxlen=doc_maxlen,
-                              name=f"{trained.config.model.kind}@{trained.step}")
 
 
 def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, queries_path: str,
@@ -72,14 +63,13 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
   """Retrieves `config.mine.k` passages per query of `queries_path` from `collection_path`; writes the run."""
   m = config.mine
   start = time.perf_counter()
-  out = resolve(m.output, workdir)
+  out = evaluate.resolve_path(m.output, workdir)
   encoder = student_encoder(config, workdir, m.model, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen,
                             field="mine.model")
   settings = {"model": encoder.name, "fingerprint": encoder.fingerprint, "queries": str(queries_path),
               "collection": str(collection_path), "query_maxlen": encoder.tokenizer.query_maxlen,
               **{k: m[k] for k in ("k", "index", "nprobe", "faiss_depth", "exact_max_tokens")}}
-  sidecar = out.with_name(out.name + ".json")
-  if distributed.agree(read_json(sidecar) == settings and out.exists()):
+  if distributed.agree(formats.read_record(formats.sidecar(out)) == settings and out.exists()):
     _log.info("Mining: %s is up to date (same model and settings); skipped", out)
     return Mined(out, -1, -1, encoder.name, 0.0, skipped=True)
   collection = formats.read_collection(collection_path)
@@ -91,7 +81,7 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
   if jax.process_index() == 0:
     out.parent.mkdir(parents=True, exist_ok=True)
     formats.write_run(out, retrieved.run, tag="pairdistill-mine")
-    with formats.atomic_write(sidecar) as f:
+    with formats.atomic_write(formats.sidecar(out)) as f:
       json.dump(settings, f, indent=2)
   distributed.barrier("mined run written")
   if not m.keep_corpus and jax.process_index() == 0:
@@ -101,10 +91,3 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
             ", ".join(f"{k} {v:.1f} s" for k, v in retrieved.seconds.items()))
   return Mined(out, len(queries), len(collection), encoder.name, seconds)
 
-
-def read_json(path: pathlib.Path) -> dict | None:
-  """A small JSON record (a sidecar or manifest), or None when it is missing or unreadable."""
-  try:
-    return json.loads(path.read_text())
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from pairdistill_jax import sharding
@@ -62,12 +63,19 @@ def pad_batch(items: Sequence[Item], key: tuple[tuple[str, int], ...], rows: int
   return batch
 
 
-def _place(host_tree: Any, shardings: Any) -> Any:
-  """Host arrays -> global arrays; each process copies only the pieces its devices hold (multi-host safe)."""
-  def put(x, s):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
-  return jax.tree.map(put, host_tree, shardings)
+def teacher_mesh(t: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The teachers' own mesh, `config.teacher.mesh`, over `devices` (default: all)."""
+  try:
+    return sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
+  except ValueError as e:
+    raise ValueError(f"teacher.mesh: {e}") from None
+
+
+def _to_global(x: np.ndarray, s: jax.sharding.Sharding) -> jax.Array:
+  """A host array that every process holds whole -> a global array; each process copies only the pieces its
+  devices hold (multi-host safe)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
 
 class ShardedScorer:
@@ -78,7 +86,7 @@ class ShardedScorer:
     self.teacher, self.mesh, self.bucket_multiple = teacher, mesh, bucket_multiple
     self.rows = batch_per_device * mesh.shape["data"] * mesh.shape["fsdp"]
     param_sh = sharding.tree_shardings(teacher.abstract, mesh, rules)
-    self.params = _place(teacher.params, param_sh)
+    self.params = jax.tree.map(_to_global, teacher.params, param_sh)
     self._batch_sh = sharding.batch_sharding(mesh, rules)
 
     def run(params, batch):
@@ -88,11 +96,6 @@ class ShardedScorer:
     self._run = jax.jit(run, in_shardings=(param_sh, self._batch_sh),
                         out_shardings=sharding.replicated(mesh))
     self.items_scored, self.seconds = 0, 0.0
-
-  def _to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """The same host batch on every process -> global arrays split along the batch shards."""
-    return {name: jax.make_array_from_callback(x.shape, self._batch_sh, lambda index, x=x: x[index])
-            for name, x in batch.items()}
 
   def score(self, items: Sequence[Item]) -> np.ndarray:
     """One float32 score per item, in order."""
@@ -108,7 +111,8 @@ class ShardedScorer:
         for begin in range(0, len(indices), self.rows):
           chunk = indices[begin:begin + self.rows]
           batch = pad_batch([items[i] for i in chunk], key, self.rows, self.teacher.pad_values)
-          pending.append((chunk, self._run(self.params, self._to_global(batch))))
+          global_batch = {name: _to_global(x, self._batch_sh) for name, x in batch.items()}
+          pending.append((chunk, self._run(self.params, global_batch)))
     for chunk, out in pending:
       scores[chunk] = np.asarray(out.addressable_shards[0].data)[:len(chunk)]
     self.items_scored += len(items)

@@ -11,7 +11,6 @@ carries on. The chunks are joined into OUTPUT at the end. Every process computes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import pathlib
@@ -24,14 +23,12 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
 
 from pairdistill_jax import distributed, sharding
-from pairdistill_jax.data import formats
-from pairdistill_jax.retrieval import metrics
+from pairdistill_jax.data import formats, store
+from pairdistill_jax.retrieval import evaluate, metrics
 from pairdistill_jax.teachers import load, pairs
-from pairdistill_jax.teachers.mining import read_json, resolve
-from pairdistill_jax.teachers.runner import ShardedScorer, Teacher
+from pairdistill_jax.teachers.runner import ShardedScorer, Teacher, teacher_mesh
 
 CHUNKS_SUFFIX = ".chunks"
 MANIFEST = "manifest.json"
@@ -67,14 +64,6 @@ def check_teacher_config(t: ml_collections.ConfigDict) -> None:
       raise ValueError(f"teacher.{role}.batch_per_device must be >= 1, got {t[role].batch_per_device}")
 
 
-def _file_digest(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries_path: str, collection_path: str,
              pointwise_name: str, tensor: int) -> dict:
   """What the output depends on; chunks of other settings are never mixed into it."""
@@ -83,7 +72,7 @@ def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries_path:
   roles["pointwise"]["resolved"] = pointwise_name
   # Not batch_per_device (a restart after running out of memory may lower it) nor the data/fsdp axes: rows
   # are scored independently. A tensor axis splits the sums inside each row, so its size is recorded.
-  return {"run": str(run_path), "run_sha256": _file_digest(run_path), "queries": str(queries_path),
+  return {"run": str(run_path), "run_sha256": store.file_identity(run_path)["sha256"], "queries": str(queries_path),
           "collection": str(collection_path), **roles, "mesh_tensor": tensor,
           **{k: t[k] for k in ("top_n", "nway", "topk", "max_distance", "n_pairs", "seed", "chunk_queries",
                                "bucket_multiple")}}
@@ -125,14 +114,12 @@ def _chunk_path(directory: pathlib.Path, index: int) -> pathlib.Path:
 def _done_chunks(directory: pathlib.Path, count: int) -> np.ndarray:
   """Which chunks are on disk, as process 0 sees them (the same answer on every process)."""
   done = np.array([_chunk_path(directory, i).exists() for i in range(count)], dtype=np.int32)
-  if jax.process_count() > 1:
-    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-  return done.astype(bool)
+  return distributed.from_process_0(done).astype(bool)
 
 
 def _prepare_chunks(directory: pathlib.Path, manifest: dict) -> None:
   """Makes `directory` hold chunks of these settings only; refuses (on every process) chunks of others."""
-  old = read_json(directory / MANIFEST) if jax.process_index() == 0 else None
+  old = formats.read_record(directory / MANIFEST) if jax.process_index() == 0 else None
   if distributed.agree(old is not None and old != manifest):
     changed = sorted(k for k in manifest.keys() | (old or {}).keys() if (old or {}).get(k) != manifest.get(k))
     raise ValueError(f"{directory} holds chunks scored with other settings (differing: "
@@ -202,18 +189,15 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   t = config.teacher
   check_teacher_config(t)
   start = time.perf_counter()
-  run_path, out = resolve(t.run, workdir), resolve(t.output, workdir)
+  run_path, out = evaluate.resolve_path(t.run, workdir), evaluate.resolve_path(t.output, workdir)
   if not run_path.exists():
     raise FileNotFoundError(f"teacher.run: {run_path} does not exist; mine it first (--mode=mine)")
   load.check_model_dirs(t)
-  try:
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
-  except ValueError as e:
-    raise ValueError(f"teacher.mesh: {e}") from None
+  mesh = teacher_mesh(t, devices)
   pointwise = load.load(t.pointwise, "pointwise", student)
   manifest = settings(t, run_path, queries_path, collection_path, pointwise.name, mesh.shape["tensor"])
-  sidecar = read_json(out.with_name(out.name + ".json")) or {}
-  if distributed.agree(out.exists() and sidecar.get("settings") == manifest):
+  recorded = formats.read_record(formats.sidecar(out)) or {}
+  if distributed.agree(out.exists() and recorded.get("settings") == manifest):
     _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
     return Scored(out, -1, -1, 0.0, 0.0, 0.0, skipped=True)
   queries, collection = formats.read_queries(queries_path), formats.read_collection(collection_path)
@@ -262,7 +246,7 @@ def _join_chunks(chunk_dir: pathlib.Path, n_chunks: int, out: pathlib.Path, mani
         text = _chunk_path(chunk_dir, index).read_text(encoding="utf-8")
         num_pairs += sum(len(entry[2]) for line in text.splitlines() for entry in json.loads(line)[1:])
         f.write(text)
-    with formats.atomic_write(out.with_name(out.name + ".json")) as f:
+    with formats.atomic_write(formats.sidecar(out)) as f:
       json.dump({"settings": manifest, "pairs": num_pairs}, f, indent=2)
     trash = chunk_dir.with_name(f".{chunk_dir.name}.{uuid.uuid4().hex}.deleted")
     chunk_dir.rename(trash)  # atomic: no half-deleted chunk directory is ever seen again

@@ -11,7 +11,7 @@ from pairdistill_jax import sharding
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
-from pairdistill_jax.train.step import make_train_step
+from pairdistill_jax.train.step import make_train_step, student_vectors
 
 BATCH, NWAY, LQ, LD, PAIRS, VOCAB = 8, 4, 8, 12, 3, 64
 
@@ -167,3 +167,37 @@ def test_remat_gives_the_same_step():
   losses, params, _ = run_steps(config, batches)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-7)
+
+
+def test_query_and_document_dropout_masks_are_independent():
+  """A shared encoder fed the same tokens as a query and as a document: the two calls must draw their own
+  dropout masks (one key for both gave identical masks, so identical outputs)."""
+  config = tiny_config(data=8)
+  config.model.update(doc_maxlen=LQ)
+  config.model.bert.update(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.0)
+  model = make_student(config.model, BertConfig(**config.model.bert))
+  params = model.init(jax.random.PRNGKey(0), *state_lib.init_inputs(config))["params"]
+  ids = np.random.default_rng(0).integers(7, VOCAB, size=(1, LQ)).astype(np.int32)
+  mask = np.ones((1, LQ), np.int32)
+  batch = dict(q_ids=ids, q_mask=mask, d_ids=ids[:, None], d_mask=mask[:, None])
+  q, d = student_vectors(model, config, params, batch, None)
+  np.testing.assert_allclose(q, d, atol=1e-6)  # same tokens, no dropout: same vectors
+  differing = []
+  for seed in range(4):
+    q, d = student_vectors(model, config, params, batch, jax.random.PRNGKey(seed))
+    differing.append(np.mean(np.abs(np.asarray(q) - np.asarray(d)).max(-1) > 1e-4))
+  assert min(differing) > 0.9, differing  # (independent 50% masks make every token vector differ)
+
+
+def test_dropout_step_is_mesh_invariant_and_differs_from_the_deterministic_step():
+  batches = [random_batch(0), random_batch(1)]
+  no_dropout, _, _ = run_steps(tiny_config(data=8), batches)
+  losses = {}
+  for mesh in (dict(data=8), dict(data=2, fsdp=4)):
+    config = tiny_config(**mesh)
+    config.model.bert.update(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    losses[str(mesh)], _, _ = run_steps(config, batches)
+  first, second = losses.values()
+  assert np.all(np.isfinite(first))
+  np.testing.assert_allclose(first, second, rtol=1e-5)
+  assert abs(first[0] - no_dropout[0]) > 1e-3

@@ -28,18 +28,30 @@ def in_batch_group(config: ml_collections.ConfigDict, micro_batch: int) -> int:
   return micro_batch if group == -1 else group
 
 
+def student_vectors(model: nn.Module, config: ml_collections.ConfigDict, params, batch: Batch,
+                    rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """The student's query and document vectors of a batch (documents flattened to [B*nway, ...]).
+
+  With dropout (rng not None) the query and the document calls draw from two independent keys: one key for
+  both would give a shared encoder the same dropout masks on a query and the same positions of the documents.
+  """
+  deterministic = rng is None
+  q_rngs, d_rngs = ({}, {}) if deterministic else ({"dropout": k} for k in jax.random.split(rng))
+  apply = functools.partial(model.apply, {"params": params}, deterministic=deterministic)
+  batch_size, nway, doc_len = batch["d_ids"].shape
+  with nn.logical_axis_rules(sharding.rules(config)):  # the model's activation constraints
+    q = apply(batch["q_ids"], batch["q_mask"], method="encode_query", rngs=q_rngs)
+    d = apply(batch["d_ids"].reshape(batch_size * nway, doc_len),
+              batch["d_mask"].reshape(batch_size * nway, doc_len), method="encode_doc", rngs=d_rngs)
+  return q, d
+
+
 def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params, batch: Batch,
                  rng: jax.Array) -> tuple[jax.Array, dict]:
   """The student's total PairDistill loss on one (micro-)batch, and its metrics."""
   m, loss_cfg = config.model, config.loss
-  deterministic = rng is None
-  rngs = {} if deterministic else {"dropout": rng}
-  apply = functools.partial(model.apply, {"params": params}, deterministic=deterministic, rngs=rngs)
+  q, d = student_vectors(model, config, params, batch, rng)
   batch_size, nway, doc_len = batch["d_ids"].shape
-  with nn.logical_axis_rules(sharding.rules(config)):  # the model's activation constraints
-    q = apply(batch["q_ids"], batch["q_mask"], method="encode_query")
-    d = apply(batch["d_ids"].reshape(batch_size * nway, doc_len),
-              batch["d_mask"].reshape(batch_size * nway, doc_len), method="encode_doc")
   if m.kind == "colbert":
     d_BxNxLdxD = d.reshape(batch_size, nway, doc_len, -1)
     group = in_batch_group(config, batch_size) if loss_cfg.in_batch else 1

@@ -14,7 +14,7 @@ from pairdistill_jax.data.formats import FormatError, TrainingExample
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-NWAY, MAX_PAIRS, LINES, BATCH = 6, 3, 37, 8  # 4 steps per epoch, 5 lines left over
+NWAY, MAX_PAIRS, LINES, BATCH = 6, 5, 37, 8  # 4 steps per epoch, 5 lines left over
 WORDS = "protein water cell , . ! boils folds under heat ; light ( fast ) why how 42".split()
 
 
@@ -82,13 +82,15 @@ def test_pack_targets_by_hand():
   long = TrainingExample("q", tuple("abcdefghi"), (9.0, 8, 7, 6, 5, 4, 3, 2, 1),
                          ((0, 1, -0.1), (2, 7, -0.2), (8, 0, -0.3), (3, 4, -0.4), (4, 5, -0.5), (1, 2, -0.6)))
   short = TrainingExample("r", ("x", "y", "z", "w"), (1.5, 1.0, 0.5, 0.25), ((1, 3, -0.7),))
-  targets = batching.pack_targets([long, short], nway=6, max_pairs=3)
+  targets = batching.pack_targets([long, short], nway=6, max_pairs=5)
   np.testing.assert_array_equal(targets["teacher"], [[9, 8, 7, 6, 5, 4], [1.5, 1.0, 0.5, 0.25, 0, 0]])
   np.testing.assert_array_equal(targets["passage_mask"], [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-  np.testing.assert_array_equal(targets["pair_i"], [[0, 3, 4], [1, 0, 0]])
-  np.testing.assert_array_equal(targets["pair_j"], [[1, 4, 5], [3, 0, 0]])
-  np.testing.assert_allclose(targets["pair_logp"], [[-0.1, -0.4, -0.5], [-0.7, 0, 0]])
-  np.testing.assert_array_equal(targets["pair_mask"], [[1, 1, 1], [1, 0, 0]])
+  np.testing.assert_array_equal(targets["pair_i"], [[0, 3, 4, 1, 0], [1, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(targets["pair_j"], [[1, 4, 5, 2, 0], [3, 0, 0, 0, 0]])
+  np.testing.assert_allclose(targets["pair_logp"], [[-0.1, -0.4, -0.5, -0.6, 0], [-0.7, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(targets["pair_mask"], [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+  with pytest.raises(ValueError, match="query q has 4 pairs, more than data.max_pairs=3"):
+    batching.pack_targets([long, short], nway=6, max_pairs=3)  # pairs are never cut silently
   with pytest.raises(ValueError, match="no pointwise teacher scores"):
     batching.pack_targets([TrainingExample("q", ("a",), None)], nway=2, max_pairs=1)
 
@@ -183,6 +185,22 @@ def test_training_lines_with_missing_ids(tmp_path, data):
   np.testing.assert_array_equal(compiled.query_row, queries.rows(["q0", "q2"]))
   np.testing.assert_array_equal(compiled.passage_row, [docs.rows(["1", "2"]), docs.rows(["4", "5"])])
   np.testing.assert_array_equal(compiled.targets["pair_mask"], [[False], [True]])
+
+
+def test_lines_with_more_pairs_than_max_pairs_are_refused_with_their_line(tmp_path, data):
+  docs = store.open_store(data.paths.collection, tmp_path, data.tokenizer, "docs", progress=False)
+  queries = store.open_store(data.paths.queries, tmp_path, data.tokenizer, "queries", progress=False)
+  train = tmp_path / "train.jsonl"
+  train.write_text('["q0", ["1", 1.0, [[1, -0.5]]], ["2", 0.5]]\n'
+                   '["q1", ["3", 1.0, [[1, -0.5], [2, -0.1], [3, -0.2]]], ["4", 0.5, [[2, -0.3]]], ["5", 0.1], '
+                   '["6", 0.0]]\n')
+  for skip in (False, True):  # not a bad line to skip: the config is too small for the data
+    with pytest.raises(FormatError, match=r"train.jsonl:2: 3 pairs among its first 3 passages, more than "
+                                          r"data.max_pairs=2: set --config.data.max_pairs=3"):
+      pipeline.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=2, skip_bad_lines=skip,
+                                    progress=False)
+  compiled = pipeline.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=3, progress=False)
+  np.testing.assert_array_equal(compiled.targets["pair_mask"], [[1, 0, 0], [1, 1, 1]])
 
 
 def test_compiled_training_set_is_reused(data, monkeypatch):

@@ -63,3 +63,11 @@ def test_without_training_lines_round_one_mines_with_the_initial_model(two_round
   assert len(rounds.run_rounds(config, tmp_path)) == 1  # a rerun redoes nothing
   assert "is up to date (same model and settings); skipped" in caplog.text
   assert "is up to date (same run, teachers and settings); skipped" in caplog.text
+
+
+def test_rounds_refuse_more_scored_pairs_than_training_takes(tmp_path):
+  config = colbert.get_config("demo")
+  config.teacher.n_pairs = config.data.max_pairs + 1
+  with pytest.raises(ValueError, match=r"teacher.n_pairs=5 pairs per scored line exceed data.max_pairs=4"):
+    rounds.run_rounds(config, tmp_path)
+  assert not (tmp_path / "round_1").exists()  # refused before any work

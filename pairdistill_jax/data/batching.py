@@ -6,8 +6,8 @@ A batch of B queries, each with `nway` passage slots and `max_pairs` pair slots,
   teacher, passage_mask                [B, nway]      float32, bool
   pair_i, pair_j, pair_logp, pair_mask [B, max_pairs] int32, int32, float32, bool
 A line's passages beyond `nway` are dropped, and so are the pairs that reference them; a line with fewer
-passages has `passage_mask` False in the remaining slots, which hold the encoding of the empty text; the
-first `max_pairs` remaining pairs are kept. `pack_targets` computes the teacher arrays and
+passages has `passage_mask` False in the remaining slots, which hold the encoding of the empty text; a line
+with more than `max_pairs` remaining pairs is refused (never silently cut). `pack_targets` computes the teacher arrays and
 `assemble_batch` joins them with tokenised queries and passages; `make_batch` tokenises text on the fly,
 while `data.pipeline` fills the same layout from the pre-tokenised store.
 """
@@ -24,8 +24,10 @@ from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer
 TARGET_KEYS = ("teacher", "passage_mask", "pair_i", "pair_j", "pair_logp", "pair_mask")
 
 
-def _kept_pairs(example: TrainingExample, count: int, max_pairs: int) -> list[tuple[int, int, float]]:
-  return [(i, j, logp) for i, j, logp in example.pairs if i < count and j < count][:max_pairs]
+def kept_pairs(example: TrainingExample, nway: int) -> list[tuple[int, int, float]]:
+  """The pairs of `example` between its first `nway` passages (the others are not in the batch)."""
+  count = min(nway, len(example.pids))
+  return [(i, j, logp) for i, j, logp in example.pairs if i < count and j < count]
 
 
 def pack_targets(examples: Sequence[TrainingExample], *, nway: int, max_pairs: int) -> dict[str, np.ndarray]:
@@ -44,7 +46,11 @@ def pack_targets(examples: Sequence[TrainingExample], *, nway: int, max_pairs: i
     count = min(nway, len(ex.pids))
     teacher_BxN[b, :count] = ex.scores[:count]
     passage_mask_BxN[b, :count] = True
-    for p, (i, j, logp) in enumerate(_kept_pairs(ex, count, max_pairs)):
+    kept = kept_pairs(ex, nway)
+    if len(kept) > max_pairs:
+      raise ValueError(f"training line for query {ex.qid} has {len(kept)} pairs, more than data.max_pairs="
+                       f"{max_pairs}: raise --config.data.max_pairs to at least {len(kept)}")
+    for p, (i, j, logp) in enumerate(kept):
       pair_i_BxP[b, p], pair_j_BxP[b, p], pair_logp_BxP[b, p], pair_mask_BxP[b, p] = i, j, logp, True
   return dict(zip(TARGET_KEYS, (teacher_BxN, passage_mask_BxN, pair_i_BxP, pair_j_BxP, pair_logp_BxP,
                                 pair_mask_BxP)))

@@ -114,6 +114,17 @@ def _resolve_chunk(path: PathLike, numbers: Sequence[int], examples: Sequence[Tr
   return resolved
 
 
+def _check_pair_counts(path: PathLike, numbers: Sequence[int], examples: Sequence[TrainingExample], nway: int,
+                       max_pairs: int) -> None:
+  """Refuses (whatever skip_bad_lines says) a line with more pairs than the batch has slots for."""
+  for number, ex in zip(numbers, examples):
+    count = len(batching.kept_pairs(ex, nway))
+    if count > max_pairs:
+      raise formats.FormatError(path, number, f"{count} pairs among its first {nway} passages, more than "
+                                f"data.max_pairs={max_pairs}: set --config.data.max_pairs={count} or more "
+                                f"(pairs are never dropped silently)")
+
+
 def _compile(tmp: pathlib.Path, path: PathLike, docs: store.TokenStore, queries: store.TokenStore,
              settings: dict[str, Any], *, skip_bad_lines: bool, on_skip: formats.SkipCallback | None,
              progress: bool, chunk_size: int) -> dict[str, Any]:
@@ -130,6 +141,7 @@ def _compile(tmp: pathlib.Path, path: PathLike, docs: store.TokenStore, queries:
       while chunk := list(itertools.islice(lines, chunk_size)):
         numbers, examples = zip(*chunk)
         number = numbers[-1]
+        _check_pair_counts(path, numbers, examples, nway, max_pairs)
         resolved = _resolve_chunk(path, numbers, examples, docs, queries, skipped)
         bar.update(len(chunk))
         if not resolved:

@@ -32,9 +32,11 @@ def get_config(arg=None):
       bert=config_lib.bert_base())  # the shape of a random init; unused when init.pretrained is set
   # pretrained: a local stanford ColBERT or HF BERT directory (download colbert-ir/colbertv2.0 beforehand);
   # checkpoint: a workdir of ours (e.g. the previous PairDistill round) or such a directory, used instead;
-  # tokenizer: a local tokenizer directory, by default the one of the weights the run starts from.
+  # tokenizer: a local tokenizer directory, by default the one of the weights the run starts from;
+  # layers: keep only these layers of the initial weights ('' all, '3' three evenly spaced, '0,2,5' those).
+  # model.bert's dropout rates apply to any init; its shape fields only to a random init (others are refused).
   # A workdir's own newest checkpoint always wins: rerunning a command resumes it.
-  c.init = dict(pretrained="colbert-ir/colbertv2.0", checkpoint="", tokenizer="")
+  c.init = dict(pretrained="colbert-ir/colbertv2.0", checkpoint="", tokenizer="", layers="")
   c.data = config_lib.data_fields(arg.nway)  # see config_lib.data_fields
   # in_batch_group -1: the whole micro-batch; maxsim_chunk: documents scored at a time (0: all at once).
   c.loss = dict(temperature=1.0, pair_alpha=3.0, in_batch=True, in_batch_group=4, maxsim_chunk=0)

@@ -28,9 +28,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.model = dict(kind="dpr", pooling="cls", shared_towers=False, query_maxlen=64, doc_maxlen=128,
                  dtype="bfloat16", remat="none", attention="einsum", bert=config_lib.bert_base())
-  c.init = dict(pretrained="bert-base-uncased", checkpoint="", tokenizer="")  # see configs/colbert.py
+  c.init = dict(pretrained="bert-base-uncased", checkpoint="", tokenizer="", layers="")  # see configs/colbert.py
   c.data = config_lib.data_fields(arg.nway)  # see config_lib.data_fields
-  c.loss = dict(temperature=1.0, pair_alpha=1.0)
+  c.loss = dict(temperature=1.0, pair_alpha=1.0, dpr_workers=0)  # dpr_workers: see losses.dpr_loss
   c.optim = dict(lr=3e-5, warmup_steps=10_000, clip_norm=2.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(batch_size=arg.batch_size, grad_accum=arg.grad_accum, steps=arg.steps, seed=0,
                  log_every=50, checkpoint_every=1_000, keep_checkpoints=3, eval_every=0,

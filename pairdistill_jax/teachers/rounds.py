@@ -39,6 +39,7 @@ def round_config(config: ml_collections.ConfigDict, previous: pathlib.Path | Non
     c.mine.model = c.mine.model or students.init_source(c)[1]
   else:
     c.init.checkpoint = c.mine.model = str(previous)
+    c.init.layers = ""  # the previous round's student is already cut
   c.data.update(demo=False, collection=paths.collection, queries=paths.queries, train="")
   if config.data.demo:
     for field in ("collection", "queries", "qrels"):

@@ -181,21 +181,47 @@ def colbert_loss(
   return loss, metrics | _ranking_metrics(scores_BxN, batch)
 
 
+def _scale_gradient(x: jax.Array, factor: float) -> jax.Array:
+  """x's value, with its gradient multiplied by factor."""
+  x_sg = jax.lax.stop_gradient(x)
+  return x_sg + factor * (x - x_sg)
+
+
+def _per_worker_pairwise_kl(
+    own_BxN: jax.Array, batch: Mapping[str, jax.Array], workers: int) -> jax.Array:
+  """Mean over `workers` contiguous query blocks of each block's pairwise_kl (a mean over its own pairs)."""
+  b = own_BxN.shape[0]
+  blocks = [x.reshape(workers, b // workers, -1) for x in (
+      own_BxN, batch["pair_i"], batch["pair_j"], batch["pair_logp"], batch["pair_mask"])]
+  return jnp.mean(jax.vmap(pairwise_kl)(*blocks))
+
+
 def dpr_loss(
     scores_BxBN: jax.Array, batch: Mapping[str, jax.Array], *, temperature: float,
-    pair_alpha: float) -> tuple[jax.Array, dict]:
+    pair_alpha: float, workers: int = 0) -> tuple[jax.Array, dict]:
   """DPR total: global KL(S/τ) + pair_alpha·L_pair on each query's own-block scores / τ.
 
   scores_BxBN[b, c*N + n] is query b against passage n of query c over the global batch.
+  workers 0 or 1: the exact gradient of this loss. workers W >= 2: the gradient of the original dpr-scale
+  trainer on W GPUs, each holding a contiguous block of B/W queries: each GPU computes the global KL with
+  the other GPUs' gathered vectors detached plus the pair loss of its own queries, and DDP averages the
+  GPUs' gradients. Every vector's gradient then comes whole from its own GPU, divided by W: the gradient of
+  KL/W + pair_alpha·mean_w L_pair(w), L_pair(w) the mean over block w's pairs.
+  The reported loss is the mean of the W GPUs' losses, KL + pair_alpha·mean_w L_pair(w) (loss_pair:
+  mean_w L_pair(w)); with as many pairs in every block it equals the workers=0 value.
   Returns (loss, float32 metrics).
   """
   _check_inputs(batch, temperature)
   b, n = batch["teacher"].shape
+  if workers < 0 or b % max(workers, 1):
+    raise ValueError(
+        f"dpr workers {workers} must be >= 0 and divide the batch size {b}; set loss.dpr_workers to 0 "
+        "(the exact gradient) or to a divisor of the micro-batch.")
+  w = max(workers, 1)
   scaled_BxBN = scores_BxBN.astype(jnp.float32) / temperature
   loss_kd = dpr_global_kl(scaled_BxBN, batch["teacher"], batch["passage_mask"])
   own_BxN = scaled_BxBN.reshape(b, b, n)[jnp.arange(b), jnp.arange(b)]
-  loss_pair = pairwise_kl(
-      own_BxN, batch["pair_i"], batch["pair_j"], batch["pair_logp"], batch["pair_mask"])
-  loss = loss_kd + pair_alpha * loss_pair
+  loss_pair = _per_worker_pairwise_kl(own_BxN, batch, w)
+  loss = _scale_gradient(loss_kd, 1.0 / w) + pair_alpha * loss_pair
   metrics = {"loss": loss, "loss_kd": loss_kd, "loss_pair": loss_pair}
   return loss, metrics | _ranking_metrics(own_BxN, batch)

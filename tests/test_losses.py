@@ -135,6 +135,66 @@ def torch_dpr_kl(scores, teacher, tau) -> float:
   return torch.nn.KLDivLoss(reduction="batchmean", log_target=True)(log_q, log_p).item()
 
 
+def torch_dpr_pair_distill_loss(scores, pair_scores):
+  """dpr-scale DPRPairDistillTask._pair_distill_loss; pair_scores[b][i] = [(j, logp), ...]."""
+  pairs = [(b, i, j, math.exp(logp)) for b, per_query in enumerate(pair_scores)
+           for i, passage_pairs in enumerate(per_query) for j, logp in passage_pairs]
+  if not pairs:
+    return torch.tensor(0.0, dtype=torch.float64)
+  kl_div = torch.nn.KLDivLoss(reduction="batchmean", log_target=False)
+  loss = 0.0
+  for b, i, j, p in pairs:
+    loss += kl_div(torch.log_softmax(scores[b][[i, j]], dim=-1).unsqueeze(0),
+                   torch.tensor([p, 1 - p], dtype=torch.float64).unsqueeze(0))
+  return loss / len(pairs)
+
+
+def torch_dpr_ddp(q, p, teacher, pairs, tau, alpha, world_size):
+  """dpr-scale DPRPairDistillTask.training_step on world_size DDP ranks, in float64.
+
+  Rank r holds queries r*B/W... and their passages; all_gather hands it the others' vectors detached. The
+  replicated "parameters" are the vector tables q [B,D] and p [B*N,D] (a rank's forward picks its rows), so
+  DDP's gradient is the mean over ranks of each rank's gradient. Returns (mean of the ranks' losses, mean
+  of their pair losses, DDP gradient of q, of p).
+  """
+  batch, nway = teacher.shape
+  queries_per_node, contexts_per_node = batch // world_size, batch // world_size * nway
+  q_table = torch.tensor(q, dtype=torch.float64, requires_grad=True)
+  p_table = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+  all_query_repr = q_table.detach().view(world_size, queries_per_node, -1)
+  all_context_repr = p_table.detach().view(world_size, contexts_per_node, -1)
+  all_target_scores = torch.tensor(teacher, dtype=torch.float64).view(world_size, queries_per_node, nway)
+  losses_, pair_losses = [], []
+  for rank in range(world_size):
+    query_repr = q_table[rank * queries_per_node:(rank + 1) * queries_per_node]
+    context_repr = p_table[rank * contexts_per_node:(rank + 1) * contexts_per_node]
+    target_scores = torch.full((batch, batch * nway), -1e9, dtype=torch.float64)
+    all_query_list, all_context_list = [], []
+    for i in range(world_size):
+      all_query_list.append(query_repr if i == rank else all_query_repr[i])
+      all_context_list.append(context_repr if i == rank else all_context_repr[i])
+      for j in range(queries_per_node):
+        target_scores[i * queries_per_node + j, i * contexts_per_node + j * nway:
+                      i * contexts_per_node + (j + 1) * nway] = all_target_scores[i][j]
+    scores = torch.cat(all_query_list) @ torch.cat(all_context_list).T / tau
+    loss = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)(
+        torch.log_softmax(scores, -1), torch.log_softmax(target_scores, -1))
+    scores_this_node = torch.stack([
+        scores[rank * queries_per_node + i, rank * contexts_per_node + i * nway:
+               rank * contexts_per_node + (i + 1) * nway] for i in range(queries_per_node)])
+    pair_scores = [[[] for _ in range(nway)] for _ in range(queries_per_node)]
+    for b, i, j, logp in pairs:
+      if b // queries_per_node == rank:
+        pair_scores[b % queries_per_node][i].append((j, logp))
+    pair_loss = torch_dpr_pair_distill_loss(scores_this_node, pair_scores)
+    loss = loss + pair_loss * alpha
+    loss.backward()  # accumulates into the tables' .grad: the sum over ranks
+    losses_.append(loss.item())
+    pair_losses.append(pair_loss.item())
+  return (np.mean(losses_), np.mean(pair_losses), q_table.grad.numpy() / world_size,
+          p_table.grad.numpy() / world_size)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inputs.
 
@@ -447,6 +507,59 @@ def test_dpr_loss_gradient_matches_finite_differences():
       scores.astype(np.float32))
   fd = _central_differences(lambda s: ref_dpr_total(s, teacher, mask, pairs, tau, alpha), scores)
   close(grad, fd, rtol=1e-4, atol=1e-5)
+
+
+def _dpr_vectors_case(seed, batch=6, nway=3, dim=5, max_pairs=3):
+  """Query and passage vectors, all passages valid (the original has no padding), pair counts uneven
+  across the blocks of 2 and of 3 queries."""
+  rng = np.random.default_rng(seed)
+  q, p = rng.normal(0, 1, (batch, dim)), rng.normal(0, 1, (batch * nway, dim))
+  teacher, mask = rng.normal(0, 4, (batch, nway)), np.ones((batch, nway), bool)
+  pairs = random_pairs(rng, batch, nway, per_query=[3, 2, 0, 0, 1, 3])
+  return q, p, teacher, pairs, make_batch(rng, teacher, mask, pairs, max_pairs)
+
+
+def _jax_dpr_vectors(q, p, batch, tau, alpha, workers):
+  """dpr_loss of scores q·p (column c*N + n: passage n of query c): (loss, metrics), (grad q, grad p)."""
+  def loss_fn(q_BxD, p_BNxD):
+    return losses.dpr_loss(q_BxD @ p_BNxD.T, batch, temperature=tau, pair_alpha=alpha, workers=workers)
+  return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
+      q.astype(np.float32), p.astype(np.float32))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_dpr_workers_match_dpr_scale_ddp_transcription(workers):
+  q, p, teacher, pairs, batch = _dpr_vectors_case(17)
+  tau, alpha = 0.8, 1.5
+  (loss, metrics), (grad_q, grad_p) = _jax_dpr_vectors(q, p, batch, tau, alpha, workers)
+  ref_loss, ref_pair, ref_grad_q, ref_grad_p = torch_dpr_ddp(q, p, teacher, pairs, tau, alpha, workers)
+  close(loss, ref_loss)
+  close(metrics["loss"], ref_loss)
+  close(metrics["loss_pair"], ref_pair)
+  close(grad_q, ref_grad_q)
+  close(grad_p, ref_grad_p)
+  if workers > 1:  # the original's gradient is not the exact one
+    _, (exact_q, _) = _jax_dpr_vectors(q, p, batch, tau, alpha, 0)
+    assert np.abs(np.asarray(exact_q) - ref_grad_q).max() > 1e-2
+
+
+def test_dpr_one_worker_is_the_default():
+  q, p, _, _, batch = _dpr_vectors_case(18)
+  (loss, metrics), grads = _jax_dpr_vectors(q, p, batch, 1.3, 1.0, 1)
+  (ref_loss, ref_metrics), ref_grads = _jax_dpr_vectors(q, p, batch, 1.3, 1.0, 0)
+  np.testing.assert_array_equal(loss, ref_loss)
+  for key in ref_metrics:
+    np.testing.assert_array_equal(metrics[key], ref_metrics[key], err_msg=key)
+  for grad, ref_grad in zip(grads, ref_grads):
+    np.testing.assert_array_equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("workers", [-1, 4])
+def test_dpr_workers_must_divide_the_batch(workers):
+  _, _, _, _, batch = _dpr_vectors_case(19)
+  with pytest.raises(ValueError, match="loss.dpr_workers"):
+    losses.dpr_loss(np.zeros((6, 18), np.float32), batch, temperature=1.0, pair_alpha=1.0,
+                    workers=workers)
 
 
 # ----------------------------------------------------------------------------------------------------

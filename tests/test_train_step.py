@@ -1,5 +1,7 @@
 """The sharded train step: mesh invariance, gradient accumulation, parameter shardings, non-finite guard."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from pairdistill_jax import sharding
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
-from pairdistill_jax.train.step import make_train_step, student_vectors
+from pairdistill_jax.train.step import compute_loss, make_train_step, student_vectors
 
 BATCH, NWAY, LQ, LD, PAIRS, VOCAB = 8, 4, 8, 12, 3, 64
 
@@ -201,3 +203,20 @@ def test_dropout_step_is_mesh_invariant_and_differs_from_the_deterministic_step(
   assert np.all(np.isfinite(first))
   np.testing.assert_allclose(first, second, rtol=1e-5)
   assert abs(first[0] - no_dropout[0]) > 1e-3
+
+
+def test_dpr_workers_reach_the_loss():
+  """loss.dpr_workers=W (the original's W-GPU gradient): with pair_alpha 0, the same loss and 1/W of the
+  exact gradient."""
+  config = tiny_config("dpr")
+  config.loss.pair_alpha = 0.0
+  model = make_student(config.model, BertConfig(**config.model.bert))
+  params = model.init(jax.random.PRNGKey(0), *state_lib.init_inputs(config))["params"]
+  results = []
+  for workers in (0, 4):
+    config.loss.dpr_workers = workers
+    grad_fn = jax.value_and_grad(functools.partial(compute_loss, model, config), has_aux=True)
+    results.append(grad_fn(params, random_batch(0), None))
+  ((exact_loss, _), exact_grads), ((loss, _), grads) = results
+  np.testing.assert_allclose(loss, exact_loss, rtol=1e-6)
+  assert_trees_close(grads, jax.tree.map(lambda g: g / 4, exact_grads), rtol=1e-5, atol=1e-9)

@@ -64,7 +64,7 @@ def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params, ba
   d_BxNxD = d.reshape(batch_size, nway, -1)
   scores_BxBN = scoring.grouped_scores(scoring.dot, q, d_BxNxD, group_size=batch_size)
   return losses.dpr_loss(scores_BxBN, batch, temperature=loss_cfg.temperature,
-                         pair_alpha=loss_cfg.pair_alpha)
+                         pair_alpha=loss_cfg.pair_alpha, workers=loss_cfg.dpr_workers)
 
 
 def split_micro_batches(batch: Batch, k: int) -> Batch:

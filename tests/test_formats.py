@@ -362,6 +362,7 @@ def test_beir_writers_round_trip(tmp_path, suffix):
     (b'{"_id": "1", "text": "a"}\n{"_id": "2", "text": \n', 2, "malformed JSON"),
     (b'{"_id": "1", "text": "a"}\n{"_id": "1", "text": "b"}\n', 2, "duplicate document id '1'"),
     (b'["_id", "1"]\n', 1, "expected a JSON object"),
+    (b'{"_id": "", "text": "a"}\n', 1, "empty _id"),
 ])
 def test_bad_beir_corpus(tmp_path, content, line, reason):
   path = _write_bytes(tmp_path / "corpus.jsonl", content)
@@ -458,6 +459,90 @@ def test_write_run_rejects_bad_tag_and_scores(tmp_path):
   with pytest.raises(ValueError, match="query id '' must be non-empty"):
     formats.write_qrels(tmp_path / "qrels.txt", {"": {"d": 1}})
   assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------- sources: a TSV file or BEIR
+
+
+def _beir_dir(root, *, splits=("train", "test")):
+  """A BEIR directory: two titled documents, queries q1 (train), q2 (test), q3 (unjudged)."""
+  (root / "qrels").mkdir(parents=True)
+  (root / "corpus.jsonl").write_text('{"_id": "d1", "title": "Cats", "text": "They purr."}\n'
+                                     '{"_id": "d2", "title": "", "text": "No title."}\n')
+  (root / "queries.jsonl").write_text('{"_id": "q1", "text": "train query"}\n{"_id": "q2", "text": "test query"}\n'
+                                      '{"_id": "q3", "text": "unjudged"}\n')
+  judged = {"train": "q1\td1\t1\n", "test": "q2\td2\t1\n"}
+  for split in splits:
+    (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + judged[split])
+  return root
+
+
+@pytest.mark.parametrize("name, field, kind", [
+    ("collection.tsv", "docs", "tsv"), ("collection.tsv.gz", "docs", "tsv"), ("queries.dev.tsv", "queries", "tsv"),
+    ("corpus.jsonl", "docs", "beir"), ("corpus.jsonl.gz", "docs", "beir"), ("queries.jsonl", "queries", "beir"),
+])
+def test_text_source_detects_files(tmp_path, name, field, kind):
+  path = _write_bytes(tmp_path / name, b"x\ty\n")
+  source = formats.text_source(path, field)
+  assert (source.format, source.records, source.split, source.files) == (kind, path, None, (path,))
+
+
+def test_text_source_reads_a_beir_directory(tmp_path):
+  root = _beir_dir(tmp_path / "beir")
+  docs = formats.text_source(root, "docs", split="test")
+  assert (docs.format, docs.records, docs.split) == ("beir", root / "corpus.jsonl", None)
+  assert docs.read() == {"d1": "Cats | They purr.", "d2": "No title."}
+  assert list(docs.iter()) == [(1, "d1", "Cats | They purr."), (2, "d2", "No title.")]
+  queries = formats.text_source(root, "queries", split="train")
+  assert queries.files == (root / "queries.jsonl", root / "qrels" / "train.tsv")
+  assert queries.settings() == {"format": "beir", "split": "train"}
+
+
+def test_beir_directory_queries_are_those_of_the_split(tmp_path):
+  root = _beir_dir(tmp_path / "beir")
+  train, test = (formats.text_source(root, "queries", split=split) for split in ("train", "test"))
+  assert train.read() == {"q1": "train query"} and list(train.iter()) == [(1, "q1", "train query")]
+  assert test.read() == {"q2": "test query"} and list(test.iter()) == [(2, "q2", "test query")]
+  whole_file = formats.text_source(root / "queries.jsonl", "queries")  # a file is read whole
+  assert whole_file.read() == {"q1": "train query", "q2": "test query", "q3": "unjudged"}
+  (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq9\td1\t1\n")
+  with pytest.raises(ValueError, match=r"queries.jsonl: none of its 3 queries is judged in .*qrels/train.tsv"):
+    train.read()
+
+
+@pytest.mark.parametrize("make, field, message", [
+    (lambda root: root / "missing.tsv", "docs", "missing.tsv does not exist; expected a collection .tsv file"),
+    (lambda root: _write_bytes(root / "collection.csv", b"1,a\n"), "docs",
+     "collection.csv: unknown collection format; expected a collection .tsv file (pid, text[, title] "
+     "tab-separated), a BEIR corpus.jsonl file, or a BEIR directory holding corpus.jsonl"),
+    (lambda root: _write_bytes(root / "queries.txt", b"1\ta\n"), "queries",
+     "queries.txt: unknown queries format; expected a queries .tsv file"),
+    (lambda root: root, "docs", ": a directory without corpus.jsonl; expected a collection .tsv file"),
+    (lambda root: _beir_dir(root / "beir", splits=("test",)), "queries",
+     "beir: no qrels/train.tsv to restrict its queries to split 'train' (splits here: test)"),
+])
+def test_text_source_names_a_bad_path_and_the_accepted_formats(tmp_path, make, field, message):
+  path = make(tmp_path)
+  with pytest.raises((ValueError, FileNotFoundError)) as info:
+    formats.text_source(path, field)
+  assert str(info.value).startswith(str(path)) and message in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_title_separator_per_student_kind(tmp_path):
+  assert formats.title_separator("auto", "colbert") == " | "
+  assert formats.title_separator("auto", "dpr") == " "
+  assert formats.title_separator(" - ", "dpr") == " - "
+  with pytest.raises(ValueError, match="no default title separator for model kind 'splade'"):
+    formats.title_separator("auto", "splade")
+  tsv = _write_bytes(tmp_path / "collection.tsv", b"1\ttext one\tTitle\n2\ttext two\n")
+  beir = _beir_dir(tmp_path / "beir")
+  for separator, tsv_text, beir_text in ((" | ", "Title | text one", "Cats | They purr."),
+                                         (" ", "Title text one", "Cats They purr.")):
+    for path, expected in ((tsv, {"1": tsv_text, "2": "text two"}), (beir, {"d1": beir_text, "d2": "No title."})):
+      source = formats.text_source(path, "docs", title_separator=separator)
+      assert source.read() == expected and {k: t for _, k, t in source.iter()} == expected
+      assert source.settings()["title_separator"] == separator
 
 
 # ------------------------------------------------------------------------------------------ SciFact

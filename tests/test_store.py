@@ -152,6 +152,54 @@ def test_gzip_source_with_header_and_titles(tmp_path, colbert):
   _assert_rows_equal(st, st.rows(["10", "11"]), colbert.encode_docs(["Title | body one", "body two"]))
 
 
+def _beir(root, docs, queries, qrels):
+  """A BEIR directory: docs {id: (title, text)}, queries {id: text}, qrels {split: [qid, ...]}."""
+  (root / "qrels").mkdir(parents=True, exist_ok=True)
+  formats.write_beir_corpus(root / "corpus.jsonl", {i: {"title": t, "text": x} for i, (t, x) in docs.items()})
+  formats.write_beir_queries(root / "queries.jsonl", queries)
+  for split, qids in qrels.items():
+    formats.write_qrels(root / "qrels" / f"{split}.tsv", {q: {"4983": 1} for q in qids}, beir=True)
+  return root
+
+
+def test_beir_stores_key_on_split_and_title_separator(tmp_path, colbert, monkeypatch):
+  root = _beir(tmp_path / "beir", {"4983": ("Micro", "white matter"), "MED-10": ("", "statins"), "12": ("T", "x")},
+               {"0": "why ?", "2": "what boils", "5": "test query"}, {"train": ["0", "2"], "test": ["5"]})
+  bar = formats.text_source(root, "docs", title_separator=" | ")
+  docs = _open(bar, tmp_path, colbert)
+  assert docs.index.kind == "str" and len(docs) == 3  # BEIR ids, not integers in row order
+  _assert_rows_equal(docs, docs.rows(["MED-10", "4983", "12"]),
+                     colbert.encode_docs(["statins", "Micro | white matter", "T | x"]))
+  spaced = _open(formats.text_source(root, "docs", title_separator=" "), tmp_path, colbert)
+  assert spaced.directory != docs.directory and spaced.digest != docs.digest
+  _assert_rows_equal(spaced, spaced.rows(["4983"]), colbert.encode_docs(["Micro white matter"]))
+
+  train = _open(formats.text_source(root, "queries", split="train"), tmp_path, colbert, "queries")
+  test = _open(formats.text_source(root, "queries", split="test"), tmp_path, colbert, "queries")
+  assert train.index.kind == "int" and train.directory != test.directory
+  assert len(train) == 2 and "0" in train.index and "2" in train.index and "5" not in train.index
+  assert len(test) == 1 and "5" in test.index
+  _assert_rows_equal(train, train.rows(["2"]), colbert.encode_queries(["what boils"]))
+
+  with monkeypatch.context() as patched:
+    patched.setattr(store, "_build", lambda *args, **kwargs: pytest.fail("the store was rebuilt"))
+    assert _open(bar, tmp_path, colbert).digest == docs.digest
+    assert _open(root, tmp_path, colbert, "queries").digest == train.digest  # a path: split 'train'
+  formats.write_qrels(root / "qrels" / "train.tsv", {"5": {"4983": 1}}, beir=True)  # the split changed
+  rebuilt = _open(formats.text_source(root, "queries", split="train"), tmp_path, colbert, "queries")
+  assert rebuilt.directory == train.directory and list(rebuilt.index.find(["5", "0"])) == [0, -1]
+
+
+def test_beir_duplicate_id_names_corpus_line(tmp_path, colbert):
+  root = tmp_path / "beir"
+  root.mkdir()
+  (root / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n'
+                                     '{"_id": "a", "text": "z"}\n')
+  with pytest.raises(FormatError) as info:
+    _open(root, tmp_path, colbert)
+  assert str(info.value) == f"{root / 'corpus.jsonl'}:3: duplicate pid 'a' (first on line 1)"
+
+
 def test_worker_processes_build_the_same_store(tmp_path, colbert):
   ids = [f"p{i}" for i in range(45)]
   _collection(tmp_path / "collection.tsv", ids)

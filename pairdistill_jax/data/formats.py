@@ -6,12 +6,16 @@ lines, log a warning for the first few, and report each one to `on_skip` (pass `
 them, or a counter). Blank lines are ignored everywhere. Every writer writes atomically: a temporary file
 in the target directory, flushed and fsynced, then `os.replace`d over the target; on failure nothing is
 left behind and an existing file is untouched.
+
+`text_source` is the one place that decides, from a path, how a collection or query set is read: a TSV
+file, a BEIR corpus.jsonl / queries.jsonl file, or a BEIR directory (its queries restricted to a split).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import io
 import json
@@ -32,6 +36,10 @@ _MAX_WARNINGS = 5
 _CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
 _BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
 _COLLECTION_HEADERS = (["id", "text"], ["id", "text", "title"])
+# What joins a passage's title and text: ColBERT's `title | text`; BEIR's evaluation and sentence-transformers
+# join `title text`. The students' defaults (`data.title_separator='auto'`).
+COLBERT_TITLE_SEPARATOR = " | "
+TITLE_SEPARATORS = {"colbert": COLBERT_TITLE_SEPARATOR, "dpr": " "}
 
 
 class FormatError(ValueError):
@@ -390,15 +398,19 @@ def write_training_lines(path: PathLike, examples: Iterable[TrainingExample]) ->
 # ------------------------------------------------------------------------------- collection, queries
 
 
-def _parse_collection_line(line: str) -> tuple[str, str]:
+def _with_title(title: str, text: str, separator: str) -> str:
+  """`title + separator + text`, or the text alone when the title is empty."""
+  return f"{title}{separator}{text}" if title else text
+
+
+def _parse_collection_line(line: str, title_separator: str) -> tuple[str, str]:
   columns = line.split("\t")
   if len(columns) not in (2, 3):
     raise ValueError(f"expected 2 or 3 tab-separated columns (pid, text[, title]), found {len(columns)}")
   pid, text = columns[0], columns[1]
   if not pid:
     raise ValueError("empty pid")
-  title = columns[2] if len(columns) == 3 else ""
-  return pid, f"{title} | {text}" if title else text
+  return pid, _with_title(columns[2] if len(columns) == 3 else "", text, title_separator)
 
 
 def _parse_query_line(line: str) -> tuple[str, str]:
@@ -415,15 +427,16 @@ def _is_collection_header(line: str) -> bool:
 
 
 def read_collection(
-    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None,
+    title_separator: str = COLBERT_TITLE_SEPARATOR,
 ) -> dict[str, str]:
-  """collection.tsv (`pid \\t text [\\t title]`) -> {pid: text, or 'title | text' with a title}.
+  """collection.tsv (`pid \\t text [\\t title]`) -> {pid: text, or title + title_separator + text}.
 
   A first line `id \\t text [\\t title]` is a header row and skipped (as stanford ColBERT does).
   """
   return _read_mapping(
-      path, _parse_collection_line, what="pid", skip_bad_lines=skip_bad_lines, on_skip=on_skip,
-      is_header=_is_collection_header,
+      path, functools.partial(_parse_collection_line, title_separator=title_separator), what="pid",
+      skip_bad_lines=skip_bad_lines, on_skip=on_skip, is_header=_is_collection_header,
   )
 
 
@@ -446,13 +459,15 @@ def _iter_id_text(
 
 
 def iter_collection(
-    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None,
+    title_separator: str = COLBERT_TITLE_SEPARATOR,
 ) -> Iterator[tuple[int, str, str]]:
   """Streams collection.tsv as (line number, pid, text) without holding it in memory.
 
   Like `read_collection`, but duplicate pids are not detected here: the caller owns that check.
   """
-  return _iter_id_text(path, _parse_collection_line, skip_bad_lines, on_skip, _is_collection_header)
+  parse = functools.partial(_parse_collection_line, title_separator=title_separator)
+  return _iter_id_text(path, parse, skip_bad_lines, on_skip, _is_collection_header)
 
 
 def iter_queries(
@@ -501,19 +516,20 @@ def _parse_beir_line(line: str, fields: tuple[str, ...]) -> dict[str, Any]:
   for name in fields:
     if name not in row:
       raise ValueError(f"missing field {name!r}")
-  _json_id(row["_id"], "_id")
+  if not _json_id(row["_id"], "_id"):
+    raise ValueError("empty _id")
   for name in fields[1:]:
     if not isinstance(row.get(name), str):
       raise ValueError(f"field {name!r} must be a string")
   return row
 
 
-def _parse_beir_doc(line: str) -> tuple[str, str]:
+def _parse_beir_doc(line: str, title_separator: str) -> tuple[str, str]:
   row = _parse_beir_line(line, ("_id", "text"))
   title = row.get("title") or ""
   if not isinstance(title, str):
     raise ValueError("field 'title' must be a string")
-  return str(row["_id"]), f"{title} | {row['text']}" if title else row["text"]
+  return str(row["_id"]), _with_title(title, row["text"], title_separator)
 
 
 def _parse_beir_query(line: str) -> tuple[str, str]:
@@ -521,14 +537,38 @@ def _parse_beir_query(line: str) -> tuple[str, str]:
   return str(row["_id"]), row["text"]
 
 
-def read_beir_corpus(path: PathLike) -> dict[str, str]:
-  """BEIR corpus.jsonl (`_id`, `title`, `text`) -> {id: 'title | text', or text when the title is empty}."""
-  return _read_mapping(path, _parse_beir_doc, what="document id")
+def read_beir_corpus(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None,
+    title_separator: str = COLBERT_TITLE_SEPARATOR,
+) -> dict[str, str]:
+  """BEIR corpus.jsonl (`_id`, `title`, `text`) -> {id: title + title_separator + text, or the text when
+  the title is empty}."""
+  return _read_mapping(path, functools.partial(_parse_beir_doc, title_separator=title_separator),
+                       what="document id", skip_bad_lines=skip_bad_lines, on_skip=on_skip)
 
 
-def read_beir_queries(path: PathLike) -> dict[str, str]:
+def iter_beir_corpus(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None,
+    title_separator: str = COLBERT_TITLE_SEPARATOR,
+) -> Iterator[tuple[int, str, str]]:
+  """Streams corpus.jsonl as (line number, id, text); duplicate ids are the caller's to detect."""
+  parse = functools.partial(_parse_beir_doc, title_separator=title_separator)
+  return _iter_id_text(path, parse, skip_bad_lines, on_skip)
+
+
+def read_beir_queries(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+) -> dict[str, str]:
   """BEIR queries.jsonl (`_id`, `text`) -> {id: text}."""
-  return _read_mapping(path, _parse_beir_query, what="query id")
+  return _read_mapping(path, _parse_beir_query, what="query id", skip_bad_lines=skip_bad_lines,
+                       on_skip=on_skip)
+
+
+def iter_beir_queries(
+    path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None
+) -> Iterator[tuple[int, str, str]]:
+  """Streams queries.jsonl as (line number, id, query); duplicate ids are the caller's to detect."""
+  return _iter_id_text(path, _parse_beir_query, skip_bad_lines, on_skip)
 
 
 def write_beir_corpus(path: PathLike, docs: Mapping[str, Mapping[str, str]]) -> None:
@@ -681,3 +721,130 @@ def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]] | Iterable[
         if not math.isfinite(score):
           raise ValueError(f"non-finite score {score} for query {qid!r}, document {docid!r}")
         f.write(f"{qid} Q0 {_trec_field(docid, 'document id')} {rank} {float(score)!r} {tag}\n")
+
+
+# ------------------------------------------------------------------ sources: a TSV file or BEIR
+
+
+FIELDS = ("docs", "queries")
+_WHAT = {"docs": "collection", "queries": "queries"}
+_ACCEPTED = {
+    "docs": "a collection .tsv file (pid, text[, title] tab-separated), a BEIR corpus.jsonl file, or a BEIR "
+            "directory holding corpus.jsonl",
+    "queries": "a queries .tsv file (qid, query tab-separated), a BEIR queries.jsonl file, or a BEIR directory "
+               "holding queries.jsonl and qrels/<split>.tsv",
+}
+_BEIR_FILES = {"docs": "corpus.jsonl", "queries": "queries.jsonl"}
+_SUFFIX_FORMATS = {".tsv": "tsv", ".jsonl": "beir"}  # also with .gz after them
+_STREAMS = {("tsv", "docs"): iter_collection, ("tsv", "queries"): iter_queries,
+            ("beir", "docs"): iter_beir_corpus, ("beir", "queries"): iter_beir_queries}
+_MAPPINGS = {("tsv", "docs"): read_collection, ("tsv", "queries"): read_queries,
+             ("beir", "docs"): read_beir_corpus, ("beir", "queries"): read_beir_queries}
+
+
+def title_separator(setting: str, kind: str) -> str:
+  """What joins a passage's title and text: `setting`, or for 'auto' the default of student `kind`."""
+  if setting != "auto":
+    return setting
+  if kind not in TITLE_SEPARATORS:
+    raise ValueError(f"no default title separator for model kind {kind!r} (known: {', '.join(TITLE_SEPARATORS)})")
+  return TITLE_SEPARATORS[kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+  """A collection ('docs') or query set ('queries') and how it is read; `text_source` makes one from a path.
+
+  `records` is the file of its records, in `format` 'tsv' or 'beir'. `split` (the queries of a BEIR
+  directory) keeps only the queries judged in `qrels`, qrels/<split>.tsv. `title_separator` joins a
+  passage's title and text.
+  """
+
+  path: pathlib.Path
+  field: str
+  format: str
+  records: pathlib.Path
+  split: str | None = None
+  title_separator: str = COLBERT_TITLE_SEPARATOR
+
+  @property
+  def qrels(self) -> pathlib.Path | None:
+    return None if self.split is None else self.path / "qrels" / f"{self.split}.tsv"
+
+  @property
+  def files(self) -> tuple[pathlib.Path, ...]:
+    """The files the texts come from: what a cache of them depends on."""
+    return (self.records,) if self.qrels is None else (self.records, self.qrels)
+
+  def settings(self) -> dict[str, str]:
+    """How the texts are read besides the files' bytes (for cache keys and the records of outputs)."""
+    settings = {"format": self.format, **self._reader_options()}
+    if self.split is not None:
+      settings["split"] = self.split
+    return settings
+
+  def _reader_options(self) -> dict[str, str]:
+    return {"title_separator": self.title_separator} if self.field == "docs" else {}
+
+  def iter(self, *, skip_bad_lines: bool = False,
+           on_skip: SkipCallback | None = None) -> Iterator[tuple[int, str, str]]:
+    """Streams (line number in `records`, id, text); duplicate ids are the caller's to detect."""
+    records = _STREAMS[self.format, self.field](self.records, skip_bad_lines=skip_bad_lines, on_skip=on_skip,
+                                                **self._reader_options())
+    return records if self.split is None else self._judged_only(records, lambda record: record[1])
+
+  def read(self, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None) -> dict[str, str]:
+    """{id: text}; a repeated id is a FormatError naming its line."""
+    texts = _MAPPINGS[self.format, self.field](self.records, skip_bad_lines=skip_bad_lines, on_skip=on_skip,
+                                               **self._reader_options())
+    return texts if self.split is None else dict(self._judged_only(texts.items(), lambda item: item[0]))
+
+  def _judged_only(self, records: Iterable[Any], key: Callable[[Any], str]) -> Iterator[Any]:
+    """The records whose id `key(record)` is judged in `qrels`; none at all is an error."""
+    judged = read_qrels(self.qrels)
+    kept = total = 0
+    for record in records:
+      total += 1
+      if key(record) in judged:
+        kept += 1
+        yield record
+    if not kept:
+      raise ValueError(f"{self.records}: none of its {total} queries is judged in {self.qrels}")
+    _log.info("%s: %d of %d queries are judged in %s", self.records, kept, total, self.qrels)
+
+
+def text_source(path: PathLike, field: str, *, split: str = "train",
+                title_separator: str = COLBERT_TITLE_SEPARATOR) -> TextSource:
+  """How to read the collection ('docs') or query set ('queries') at `path`, the format decided by the path.
+
+  A .tsv file is collection.tsv / queries.tsv; a .jsonl file is a BEIR corpus.jsonl / queries.jsonl, read
+  whole (either may end in .gz). A directory holding corpus.jsonl (queries.jsonl) is a BEIR dataset; its
+  queries are only those judged in qrels/<split>.tsv, since its queries.jsonl holds every split's. Any
+  other path is an error naming it and the accepted formats.
+  """
+  if field not in FIELDS:
+    raise ValueError(f"field must be one of {FIELDS}, got {field!r}")
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return _beir_directory(path, field, split, title_separator)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist; expected {_ACCEPTED[field]}")
+  name = path.name.removesuffix(".gz")
+  kind = next((kind for suffix, kind in _SUFFIX_FORMATS.items() if name.endswith(suffix)), None)
+  if kind is None:
+    raise ValueError(f"{path}: unknown {_WHAT[field]} format; expected {_ACCEPTED[field]}")
+  return TextSource(path, field, kind, path, title_separator=title_separator)
+
+
+def _beir_directory(path: pathlib.Path, field: str, split: str, title_separator: str) -> TextSource:
+  records = path / _BEIR_FILES[field]
+  if not records.is_file():
+    raise ValueError(f"{path}: a directory without {records.name}; expected {_ACCEPTED[field]}")
+  if field == "docs":
+    return TextSource(path, field, "beir", records, title_separator=title_separator)
+  source = TextSource(path, field, "beir", records, split=split)
+  if not source.qrels.is_file():
+    splits = sorted(p.name.removesuffix(".tsv") for p in (path / "qrels").glob("*.tsv"))
+    raise ValueError(f"{path}: no qrels/{split}.tsv to restrict its queries to split {split!r} (splits here: "
+                     f"{', '.join(splits) or 'none'})")
+  return source

@@ -330,9 +330,10 @@ def train_iterator(config: ml_collections.ConfigDict, paths: DataPaths, tokenize
                    num_shards: int | None = None) -> TrainIterator:
   """This process's batches of `config`'s training data.
 
-  Opens (building when needed) the passage and query stores and the compiled training lines under
-  `data.store_dir` (default: `pairdistill_store` beside the collection). Process index and count default
-  to JAX's, and `num_shards` (used by `data.same_order_on_every_shard`) to the mesh's batch shards.
+  Opens (building when needed) the passage and query stores (TSV files or BEIR, read with data.split and
+  data.title_separator) and the compiled training lines under `data.store_dir` (default: `pairdistill_store`
+  beside the collection). Process index and count default to JAX's, and `num_shards` (used by
+  `data.same_order_on_every_shard`) to the mesh's batch shards.
   """
   d, t = config.data, config.train
   process_index = jax.process_index() if process_index is None else process_index
@@ -341,9 +342,10 @@ def train_iterator(config: ml_collections.ConfigDict, paths: DataPaths, tokenize
     num_shards = data_parallel_shards(config, jax.device_count())
   store_dir = d.store_dir or os.path.join(os.path.dirname(os.path.abspath(paths.collection)), DEFAULT_STORE_DIR)
   progress = process_index == 0
-  opened = {field: store.open_store(source, store_dir, tokenizer, field, num_workers=d.tokenize_workers,
-                                    skip_bad_lines=d.skip_bad_lines, progress=progress)
-            for field, source in (("docs", paths.collection), ("queries", paths.queries))}
+  opened = {field: store.open_store(config_lib.data_source(config, path, field), store_dir, tokenizer, field,
+                                    num_workers=d.tokenize_workers, skip_bad_lines=d.skip_bad_lines,
+                                    progress=progress)
+            for field, path in (("docs", paths.collection), ("queries", paths.queries))}
   training_set = compile_training_set(paths.train, opened["docs"], opened["queries"], store_dir, nway=d.nway,
                                       max_pairs=d.max_pairs, skip_bad_lines=d.skip_bad_lines, progress=progress)
   same_order = bool(d.same_order_on_every_shard)

@@ -6,12 +6,14 @@ A store directory holds
   lengths.bin   int32, the attended prefix of each row (its mask is `position < length`);
   keys.bin, key_rows.bin   the id -> row index: sorted ids (int64, or UTF-8 bytes) and their rows; absent
                 when the ids are 0, 1, 2, … in row order (MS MARCO), which index themselves;
-  meta.json     shapes, dtypes, the tokenizer settings and the source file's identity; written last.
+  meta.json     shapes, dtypes, the tokenizer and reader settings and the source files' identities;
+                written last.
 The last row is the encoding of the empty text, which batches use for padding passages (`pad_row`).
 Opening maps the files without reading them, so 8.8M passages × 180 tokens open at once and only the rows
 a batch touches are paged in.
 
-`open_store` reuses a store whose tokenizer settings and source file are unchanged (same size and
+The source is a `formats.TextSource` (a TSV file or BEIR; its format, split and title separator are part
+of the settings). `open_store` reuses a store whose settings and source files are unchanged (same size and
 modification time, or else same SHA-256), and otherwise tokenises the source in worker processes with a
 progress bar into a temporary directory that replaces the old store only once complete. The directory
 helpers (`ensure_built`, `ArrayWriter`, `open_arrays`, `file_identity`) serve other cached arrays too.
@@ -46,15 +48,14 @@ from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer
 PathLike = str | os.PathLike[str]
 Tokenizer = ColBERTTokenizer | DPRTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "meta.json"
-FIELDS = ("docs", "queries")
+FIELDS = formats.FIELDS
 # The tokenizer attributes a field's encoding depends on (besides the vocabulary).
 _FIELD_SETTINGS = {"docs": ("doc_maxlen", "doc_token"),
                    "queries": ("query_maxlen", "query_token", "attend_to_mask_tokens")}
 _ID_NAMES = {"docs": "pid", "queries": "qid"}
 _UNITS = {"docs": "passage", "queries": "query"}
-_READERS = {"docs": formats.iter_collection, "queries": formats.iter_queries}
 _MAX_INT_DIGITS = 18  # canonical integer ids up to this many digits fit int64
 _HASH_BLOCK = 1 << 20
 
@@ -84,6 +85,12 @@ def same_file(recorded: dict[str, Any], path: PathLike) -> bool:
   if stat.st_mtime_ns == recorded["mtime_ns"]:
     return True
   return file_identity(path)["sha256"] == recorded["sha256"]
+
+
+def same_files(recorded: Any, paths: Sequence[PathLike]) -> bool:
+  """Whether `paths` still have the contents of the identities `recorded` (a list, one per path)."""
+  return (isinstance(recorded, list) and len(recorded) == len(paths)
+          and all(same_file(identity, path) for identity, path in zip(recorded, paths)))
 
 
 def digest_of(value: Any) -> str:
@@ -434,17 +441,17 @@ def _resolve_workers(num_workers: int, lines: int | None, chunk_size: int) -> in
   return (os.cpu_count() or 1) if num_workers == -1 else num_workers
 
 
-def _build(tmp: pathlib.Path, source: PathLike, tokenizer: Tokenizer, settings: dict[str, Any], *,
+def _build(tmp: pathlib.Path, source: formats.TextSource, tokenizer: Tokenizer, settings: dict[str, Any], *,
            num_workers: int, skip_bad_lines: bool, on_skip: formats.SkipCallback | None, progress: bool,
            chunk_size: int) -> dict[str, Any]:
   """Tokenises `source` into the arrays of directory `tmp`; returns the store's meta."""
   field = settings["field"]
-  identity = file_identity(source)
-  lines = _count_lines(source)
+  identities = [file_identity(path) for path in source.files]
+  lines = _count_lines(source.records)
   workers = _resolve_workers(num_workers, lines, chunk_size)
   encode = getattr(tokenizer, f"encode_{field}")
   dtype = _ids_dtype(tokenizer)
-  records = _READERS[field](source, skip_bad_lines=skip_bad_lines, on_skip=on_skip)
+  records = source.iter(skip_bad_lines=skip_bad_lines, on_skip=on_skip)
   chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (UTF-8 ids, line numbers) per chunk
 
   def texts_of_chunks() -> Iterator[list[str]]:
@@ -454,7 +461,7 @@ def _build(tmp: pathlib.Path, source: PathLike, tokenizer: Tokenizer, settings: 
       yield list(texts)
 
   writer = ArrayWriter(tmp)
-  desc = f"tokenising {pathlib.Path(source).name}"
+  desc = f"tokenising {source.path.name}"
   try:
     with tqdm.tqdm(total=lines, desc=desc, unit=_UNITS[field], disable=not progress,
                    dynamic_ncols=True) as bar:
@@ -465,40 +472,51 @@ def _build(tmp: pathlib.Path, source: PathLike, tokenizer: Tokenizer, settings: 
     writer.append(ids=ids_1xL, lengths=lengths_1)
     keys_N = np.concatenate([keys for keys, _ in chunks])
     lines_N = np.concatenate([numbers for _, numbers in chunks])
-    index, index_arrays = _index(keys_N, lines_N, source, _ID_NAMES[field], skip_bad_lines, on_skip)
+    index, index_arrays = _index(keys_N, lines_N, source.records, _ID_NAMES[field], skip_bad_lines, on_skip)
     writer.append(**index_arrays)
     arrays = writer.finish()
   finally:
     writer.close()
-  return {"settings": settings, "skip_bad_lines": skip_bad_lines, "source": identity, "arrays": arrays,
-          "index": index, "digest": digest_of([settings, identity["sha256"], skip_bad_lines])}
+  sha256s = [identity["sha256"] for identity in identities]
+  return {"settings": settings, "skip_bad_lines": skip_bad_lines, "source": identities, "arrays": arrays,
+          "index": index, "digest": digest_of([settings, sha256s, skip_bad_lines])}
 
 
-def store_path(source: PathLike, store_dir: PathLike, tokenizer: Tokenizer, field: str) -> pathlib.Path:
-  """Where `open_store` keeps the store of `source`: one directory per source name and encoder settings."""
-  settings = encoder_settings(tokenizer, field)
-  return pathlib.Path(store_dir) / f"{pathlib.Path(source).name}.{field}.{digest_of(settings)[:12]}"
+def store_settings(source: formats.TextSource, tokenizer: Tokenizer) -> dict[str, Any]:
+  """What a store of `source` depends on besides its files' bytes: the encoder and reader settings."""
+  return {**encoder_settings(tokenizer, source.field), "reader": source.settings()}
 
 
-def open_store(source: PathLike, store_dir: PathLike, tokenizer: Tokenizer, field: str = "docs", *,
-               num_workers: int = -1, skip_bad_lines: bool = False,
+def store_path(source: formats.TextSource, store_dir: PathLike, tokenizer: Tokenizer) -> pathlib.Path:
+  """Where `open_store` keeps the store of `source`: one directory per source name and settings."""
+  settings = store_settings(source, tokenizer)
+  return pathlib.Path(store_dir) / f"{source.path.name}.{source.field}.{digest_of(settings)[:12]}"
+
+
+def open_store(source: PathLike | formats.TextSource, store_dir: PathLike, tokenizer: Tokenizer,
+               field: str = "docs", *, num_workers: int = -1, skip_bad_lines: bool = False,
                on_skip: formats.SkipCallback | None = None, progress: bool = True,
                chunk_size: int = 4096) -> TokenStore:
-  """The token store of `source` (collection.tsv for 'docs', queries.tsv for 'queries') under `store_dir`.
+  """The token store of `source` under `store_dir`: a `formats.TextSource`, or a path read as
+  `formats.text_source(source, field)` reads it (a TSV file or BEIR, default split and title separator).
 
-  Reused when the tokenizer settings and the source are unchanged; otherwise (re)built by `num_workers`
+  Reused when the settings and the source files are unchanged; otherwise (re)built by `num_workers`
   processes (-1: one per CPU; 0: in this process), reading `chunk_size` records at a time (a source of
   one chunk is tokenised in this process). The workers are started with 'spawn', which imports the main
   module again: a script that builds a store must guard its entry point with `if __name__ == "__main__":`.
   Bad lines and duplicate ids raise a FormatError naming file and line, or with `skip_bad_lines` are
   skipped and reported to `on_skip`.
   """
-  settings = encoder_settings(tokenizer, field)
-  target = store_path(source, store_dir, tokenizer, field)
+  if not isinstance(source, formats.TextSource):
+    source = formats.text_source(source, field)
+  elif source.field != field:
+    raise ValueError(f"a {source.field} source cannot make a {field} store")
+  settings = store_settings(source, tokenizer)
+  target = store_path(source, store_dir, tokenizer)
 
   def is_current(meta: dict[str, Any]) -> bool:
     return (meta.get("settings") == settings and meta.get("skip_bad_lines") == skip_bad_lines
-            and same_file(meta["source"], source))
+            and same_files(meta["source"], source.files))
 
   build = functools.partial(_build, source=source, tokenizer=tokenizer, settings=settings,
                             num_workers=num_workers, skip_bad_lines=skip_bad_lines, on_skip=on_skip,

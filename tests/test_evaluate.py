@@ -2,6 +2,7 @@
 end-to-end evaluation of a real sentence-transformers model, the CLI, and (slow) MiniLM on SciFact."""
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -75,10 +76,10 @@ def eval_config(**fields):
   return e
 
 
-def write_beir(root: pathlib.Path, docs: dict, queries: dict, qrels: dict) -> None:
+def write_beir(root: pathlib.Path, docs: dict, queries: dict, qrels: dict, titles: dict | None = None) -> None:
   (root / "qrels").mkdir(parents=True)
-  (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n"
-                                             for i, t in docs.items()))
+  (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": (titles or {}).get(i, ""), "text": t})
+                                             + "\n" for i, t in docs.items()))
   (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries.items()))
   (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
       f"{q}\t{d}\t{r}\n" for q, docs in qrels.items() for d, r in docs.items()))
@@ -86,10 +87,12 @@ def write_beir(root: pathlib.Path, docs: dict, queries: dict, qrels: dict) -> No
 
 def test_load_beir_keeps_judged_queries_and_drops_self_hits(tmp_path):
   write_beir(tmp_path / "beir", {"a": "x", "b": "y"}, {"a": "qa", "q2": "qq", "q3": "unjudged"},
-             {"a": {"b": 1}, "q2": {"a": 1}})
-  data = evaluate.load_data(eval_config(format="beir", collection="{workdir}/beir"), tmp_path)
+             {"a": {"b": 1}, "q2": {"a": 1}}, titles={"b": "Tb"})
+  data = evaluate.load_data(eval_config(format="beir", collection="{workdir}/beir"), tmp_path, title_separator=" ")
   assert data.queries == {"a": "qa", "q2": "qq"} and data.drop_self
-  assert data.collection == {"a": "x", "b": "y"}
+  assert data.collection == {"a": "x", "b": "Tb y"}
+  corpus_file = eval_config(format="beir", collection="{workdir}/beir/corpus.jsonl")
+  assert evaluate.load_data(corpus_file, tmp_path, title_separator=" | ").collection == {"a": "x", "b": "Tb | y"}
 
 
 def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog):
@@ -99,7 +102,7 @@ def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog
                                       + json.dumps({"qid": 8, "query": "lost", "answer_pids": [0]}) + "\n")
   data = evaluate.load_data(eval_config(collection=str(tmp_path / "collection.tsv"),
                                         queries=str(tmp_path / "questions.tsv"), qrels=str(tmp_path / "qas.jsonl")),
-                            tmp_path)
+                            tmp_path, title_separator=" | ")
   assert data.qrels == {"7": {"1": 1, "0": 1}, "8": {"0": 1}} and data.queries == {"7": "which?"}
   assert not data.drop_self
   assert "1 judged queries" in caplog.text
@@ -110,6 +113,7 @@ def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog
     (dict(collection=""), "eval.collection is empty"),
     (dict(collection="c.tsv", queries="q.tsv", qrels=""), "eval.qrels is empty"),
     (dict(collection="c.tsv", queries="q.tsv", qrels="r", k=0), "eval.k must be >= 1"),
+    (dict(collection="c.tsv", queries="q.tsv", qrels="r", vector_dtype="bfloat16"), "eval.vector_dtype must be one of"),
 ])
 def test_bad_eval_config_names_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -125,11 +129,12 @@ QUERIES = {"q_cat": "where did the kitten sleep", "q_rain": "will it rain tomorr
            "q_pasta": "how long to cook spaghetti"}
 
 
-def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path):
+def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path, caplog):
   qrels = {"q_cat": {"cat": 1}, "q_rain": {"volcano": 0, "stocks": 1}, "q_pasta": {"pasta": 2}}
   write_beir(tmp_path / "beir", DOCS, QUERIES, qrels)
   e = eval_config(format="beir", collection=str(tmp_path / "beir"), k=3, batch_size=8)
-  result = evaluate.evaluate_model_dir(minilm_dir, e, tmp_path / "wd")
+  with caplog.at_level(logging.INFO, logger=evaluate.__name__):
+    result = evaluate.evaluate_model_dir(minilm_dir, e, tmp_path / "wd")
   out = tmp_path / "wd" / "eval"
   run = formats.read_run(out / "run.trec")
   assert set(run) == set(QUERIES) and all(len(docs) == 3 for docs in run.values())
@@ -142,6 +147,13 @@ def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path):
   assert result.metrics == pytest.approx({str(m): v for m, v in expected.items()})
   saved = json.loads((out / "metrics.json").read_text())
   assert saved["metrics"] == result.metrics and saved["queries"] == 3 and saved["documents"] == 5
+  assert saved["title_separator"] == " "  # 'auto' for a bi-encoder directory: BEIR's `title text`
+  settings = {"kind": "dpr", "query_maxlen": 256, "doc_maxlen": 256, "pooling": "mean", "normalize": True,
+              "compute_dtype": "float32", "matmul_precision": "default", "vector_dtype": "float32", "index": "flat",
+              "k": 3, "model_dir": str(minilm_dir)}
+  assert {key: saved[key] for key in settings} == settings
+  assert ("kind='dpr', query_maxlen=256, doc_maxlen=256, normalize=True, compute_dtype='float32', "
+          "matmul_precision='default', pooling='mean', vector_dtype='float32', index='auto', k=3") in caplog.text
   assert "nDCG@10" in result.table()
 
 
@@ -173,7 +185,14 @@ def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   line = next(l for l in result.stdout.splitlines() if l.startswith("METRICS "))
   printed = json.loads(line[len("METRICS "):])
-  assert printed == json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+  saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+  assert printed == saved["metrics"]
+  assert saved["title_separator"] == " | "  # 'auto' for a stanford ColBERT directory: `title | text`
+  settings = {"kind": "colbert", "query_maxlen": 16, "doc_maxlen": 48, "mask_punctuation": True,
+              "attend_to_mask_tokens": False, "normalize": True, "compute_dtype": "float32",
+              "vector_dtype": "float32", "index": "exact", "k": 10}
+  assert {key: saved[key] for key in settings} == settings
+  assert "Evaluating colbert on 100 queries, 1000 documents: kind='colbert', query_maxlen=16" in result.stderr
   assert list(printed) == ["RR@10", "R@50"] and "100 queries, 1000 documents, exact search" in result.stdout
 
 

@@ -136,21 +136,26 @@ def test_pylate_export_has_native_layout_and_equal_embeddings(tmp_path):
   assert np.abs(got - jax_encode(config, bert_config, params, "doc", docs)).max() <= 1e-5
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_dpr_sentence_transformers_export_gives_the_jax_embeddings(tmp_path, pooling):
-  config, bert_config, params, tokenizer_dir = random_student(tmp_path, "dpr", pooling=pooling)
+@pytest.mark.parametrize("pooling,normalize", [("mean", False), ("cls", False), ("mean", True)])
+def test_dpr_sentence_transformers_export_gives_the_jax_embeddings(tmp_path, pooling, normalize):
+  config, bert_config, params, tokenizer_dir = random_student(tmp_path, "dpr", pooling=pooling, normalize=normalize)
   m = config.model
   out = export.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling=pooling,
-                          query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
+                          query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen, normalize=normalize)
   tok = DPRTokenizer(load_tokenizer(tokenizer_dir), query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
   for directory, which, tokens in ((export.QUERY_ST_DIR, "query", tok.encode_queries(TEXTS)),
                                    (export.PASSAGE_ST_DIR, "doc", tok.encode_docs(TEXTS))):
     model = sentence_transformers.SentenceTransformer(str(out / directory), device="cpu")
-    assert model.similarity_fn_name == "dot"
+    assert model.similarity_fn_name == ("cosine" if normalize else "dot")
     assert model.max_seq_length == (m.query_maxlen if which == "query" else m.doc_maxlen)
+    st_config = json.loads((out / directory / "config_sentence_transformers.json").read_text())
+    assert (st_config["query_length"], st_config["document_length"]) == (m.query_maxlen, m.doc_maxlen)
     got = model.encode(TEXTS, convert_to_numpy=True, batch_size=len(TEXTS))
-    assert np.abs(got - jax_encode(config, bert_config, params, which, tokens)).max() <= 1e-5
-  assert (out / export.DPR_QUESTION_DIR).exists() == (pooling == "cls")
+    expected = jax_encode(config, bert_config, params, which, tokens)
+    assert np.abs(got - expected).max() <= 1e-5
+    if normalize:  # the student's own vectors are unit vectors, and the export ends in a Normalize module
+      np.testing.assert_allclose(np.linalg.norm(expected, axis=-1), 1.0, atol=1e-5)
+  assert (out / export.DPR_QUESTION_DIR).exists() == (pooling == "cls" and not normalize)
 
 
 def test_dpr_transformers_encoders_give_the_cls_vectors(tmp_path):
@@ -162,7 +167,9 @@ def test_dpr_transformers_encoders_give_the_cls_vectors(tmp_path):
   tokens = tok.encode_docs(TEXTS)
   for directory, cls, which in ((export.DPR_QUESTION_DIR, transformers.DPRQuestionEncoder, "query"),
                                 (export.DPR_CONTEXT_DIR, transformers.DPRContextEncoder, "doc")):
-    model = cls(transformers.DPRConfig.from_pretrained(out / directory)).eval()
+    dpr_config = transformers.DPRConfig.from_pretrained(out / directory)
+    assert (dpr_config.query_length, dpr_config.document_length) == (m.query_maxlen, m.doc_maxlen)
+    model = cls(dpr_config).eval()
     load_strict(model, out / directory / "model.safetensors")
     with torch.no_grad():
       got = model(input_ids=torch.from_numpy(tokens["ids"]).long(),

@@ -1,6 +1,11 @@
-"""Retrieval: FAISS and MaxSim search against float64 numpy, ColBERTv1 recall, resumable corpus encoding, and
-encoders imported from exported / sentence-transformers directories."""
+"""Retrieval: FAISS and MaxSim search against float64 numpy, ColBERTv1 recall, resumable corpus encoding in
+float32 or float16, and encoders imported from exported / sentence-transformers directories with the lengths
+they record."""
 
+import json
+import logging
+
+import jax
 import numpy as np
 import pytest
 import sentence_transformers
@@ -32,9 +37,10 @@ def token_store(vectors_TxD, lengths_N, chunk_size):
   return corpus.TokenStore([vectors_TxD[a:b] for a, b in zip(starts, ends)], lengths_N, chunk_size)
 
 
-def test_flat_search_equals_exact_numpy_top_k():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_flat_search_equals_exact_numpy_top_k(dtype):
   rng = np.random.default_rng(0)
-  docs = rng.normal(size=(500, 16)).astype(np.float32)
+  docs = rng.normal(size=(500, 16)).astype(dtype)
   queries = rng.normal(size=(20, 16)).astype(np.float32)
   store = corpus.DenseStore([docs[:300], docs[300:]])
   scores, ids = search.search(queries, store, 10, search.SearchOptions(index="auto"))
@@ -44,9 +50,10 @@ def test_flat_search_equals_exact_numpy_top_k():
   np.testing.assert_allclose(scores, np.take_along_axis(exact, expected, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_dpr_ivfpq_finds_the_source_of_noisy_copies():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_dpr_ivfpq_finds_the_source_of_noisy_copies(dtype):
   rng = np.random.default_rng(1)
-  docs = unit(rng.normal(size=(4000, 32))).astype(np.float32)
+  docs = unit(rng.normal(size=(4000, 32))).astype(dtype)
   targets = rng.choice(4000, 50, replace=False)
   queries = unit(docs[targets] + 0.05 * rng.normal(size=(50, 32))).astype(np.float32)
   options = search.SearchOptions(index="ivfpq", nprobe=16)
@@ -67,6 +74,15 @@ def test_exact_maxsim_matches_float64_numpy_across_chunks_and_devices():
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_exact_maxsim_multiplies_in_float32_on_every_platform():
+  """JAX's default lets GPUs multiply float32 in TF32 and TPUs in bfloat16; exact search must not."""
+  q, d, mask = np.ones((2, 3, 4), np.float32), np.ones((5, 6, 4), np.float16), np.ones((5, 6), np.int32)
+  jaxpr = jax.make_jaxpr(search.maxsim_float32)(q, d, mask)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 1 and dots[0].params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
+  assert all(v.aval.dtype == np.float32 for v in dots[0].invars)
+
+
 def grouped_colbert_corpus(rng, groups=60, per_group=10, dim=32):
   """Groups of documents sharing a 'vocabulary' of token directions (plus common background tokens); a query
   drawn from one group's vocabulary has that group's documents as its MaxSim top 10."""
@@ -83,9 +99,10 @@ def grouped_colbert_corpus(rng, groups=60, per_group=10, dim=32):
   return np.concatenate(docs).astype(np.float16), lengths, queries.astype(np.float32), query_groups
 
 
-def test_colbert_v1_ivfpq_recovers_exact_maxsim_top10():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_colbert_v1_ivfpq_recovers_exact_maxsim_top10(dtype):
   vectors, lengths, queries, query_groups = grouped_colbert_corpus(np.random.default_rng(3))
-  store = token_store(vectors, lengths, chunk_size=256)
+  store = token_store(vectors.astype(dtype), lengths, chunk_size=256)
   mesh = devices.local_mesh()
   _, exact_ids = search.maxsim_exact(queries, store, 10, mesh)
   assert np.mean(exact_ids // 10 == query_groups[:, None]) > 0.9  # the corpus is what it claims to be
@@ -126,25 +143,37 @@ def test_colbert_corpus_store_holds_each_documents_scored_tokens(colbert_encoder
     alone = colbert_encoder.encode("doc", tokens["ids"][i:i + 1], tokens["mask"][i:i + 1])[0]
     expected = alone[tokens["score_mask"][i].astype(bool)]
     got, mask = store.gather(np.array([i]), store.max_length)
-    np.testing.assert_allclose(got[0][mask[0].astype(bool)].astype(np.float32), expected, atol=1e-3)
+    np.testing.assert_allclose(got[0][mask[0].astype(bool)], expected, atol=1e-5)  # float32: no rounding
     assert store.lengths[i] == tokens["score_mask"][i].sum()
 
 
-def test_corpus_encoding_resumes_at_the_missing_chunk(colbert_encoder, tmp_path, monkeypatch):
+def test_corpus_vectors_are_float32_unless_float16_is_asked_and_another_dtype_is_not_reused(colbert_encoder,
+                                                                                           tmp_path):
   texts = corpus_texts()
-  first = corpus.encode_corpus(colbert_encoder, texts, tmp_path, batch_size=8, chunk_size=8)
-  reference = [np.array(c) for c in first.chunks]
-  (tmp_path / "chunk_000002.lengths.npy").unlink()  # a crash between a chunk's two files
-  encoded = []
-  real = corpus.encode_chunk
-  monkeypatch.setattr(corpus, "encode_chunk", lambda enc, t, *a: encoded.append(len(t)) or real(enc, t, *a))
-  again = corpus.encode_corpus(colbert_encoder, texts, tmp_path, batch_size=8, chunk_size=8)
-  assert encoded == [8]
-  for a, b in zip(again.chunks, reference):
-    np.testing.assert_array_equal(a, b)
-  encoded.clear()
-  corpus.encode_corpus(colbert_encoder, texts[:-1] + ["another text"], tmp_path, batch_size=8, chunk_size=8)
-  assert encoded == [8, 8, 8, 6]  # another corpus: everything again
+  exact = corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8)
+  assert {c.dtype for c in exact.chunks} == {np.dtype(np.float32)}
+  assert json.loads((tmp_path / "f32" / corpus.MANIFEST).read_text())["vector_dtype"] == "float32"
+  half = corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8,
+                              vector_dtype="float16")
+  assert {c.dtype for c in half.chunks} == {np.dtype(np.float16)}
+  np.testing.assert_allclose(np.concatenate(half.chunks), np.concatenate(exact.chunks), atol=1e-3)
+  with pytest.raises(ValueError, match="vector_dtype must be one of"):
+    corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", vector_dtype="bfloat16")
+
+
+def test_exact_search_of_a_float32_store_equals_float64_maxsim_of_the_encoders_vectors(colbert_encoder, tmp_path):
+  """The reference scores the documents encoded one at a time, in float64 (a float16 store is ~1e-3 off)."""
+  texts = corpus_texts()
+  store = corpus.encode_corpus(colbert_encoder, texts, tmp_path, batch_size=8, chunk_size=8)
+  queries = colbert_encoder.encode_queries(TEXTS, 8)
+  scores, ids = search.search(queries, store, 10, mesh=colbert_encoder.mesh)
+  tokens = colbert_encoder.tokenizer.encode_docs(texts)
+  docs = [colbert_encoder.encode("doc", tokens["ids"][i:i + 1], tokens["mask"][i:i + 1])[0] for i in range(len(texts))]
+  q = queries.astype(np.float64)
+  expected_QxN = np.stack([(q @ d[keep.astype(bool)].astype(np.float64).T).max(-1).sum(-1)
+                           for d, keep in zip(docs, tokens["score_mask"])], axis=1)
+  np.testing.assert_allclose(scores, np.take_along_axis(expected_QxN, ids, axis=1), rtol=1e-6)
+  np.testing.assert_allclose(scores, -np.sort(-expected_QxN, axis=1)[:, :10], rtol=1e-6)  # the best 10, up to ties
 
 
 def test_dpr_corpus_vectors_equal_one_at_a_time_encoding(tmp_path):
@@ -165,14 +194,49 @@ def test_encoder_from_exported_stanford_dir_equals_the_trained_encoder(tmp_path)
   out = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings, pylate=False)
   imported = encoders.from_model_dir(out / "colbert")
   trained = encoders.from_params(config.model, bert_config, params, tokenizer_dir)
-  assert imported.kind == "colbert" and imported.tokenizer.doc_maxlen == 48
+  assert imported.kind == "colbert" and (imported.tokenizer.query_maxlen, imported.tokenizer.doc_maxlen) == (16, 48)
+  assert imported.settings() == trained.settings()
   np.testing.assert_allclose(imported.encode_queries(TEXTS, 8), trained.encode_queries(TEXTS, 8), atol=1e-6)
 
 
-def test_encoder_from_sentence_transformers_dir_equals_sentence_transformers(minilm_dir):
-  encoder = encoders.from_model_dir(minilm_dir)
+def test_stanford_dir_without_metadata_says_it_uses_stanford_defaults(tmp_path, caplog):
+  config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert")
+  settings = export.ColBERTSettings.from_model_config(config.model)
+  out = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings, pylate=False)
+  (out / "colbert" / "artifact.metadata").unlink()
+  with caplog.at_level(logging.INFO, logger=encoders.__name__):
+    imported = encoders.from_model_dir(out / "colbert", doc_maxlen=40)
+  assert (imported.tokenizer.query_maxlen, imported.tokenizer.doc_maxlen) == (32, 40)
+  assert "records no query/document lengths: using stanford ColBERT's defaults" in caplog.text
+  assert "query length 32 (stanford ColBERT's defaults), document length 40 (set in the config)" in caplog.text
+
+
+@pytest.mark.parametrize("directory, pooling", [(export.QUERY_ST_DIR, None), (export.PASSAGE_ST_DIR, None),
+                                                (export.DPR_QUESTION_DIR, "cls"), (export.DPR_CONTEXT_DIR, "cls")])
+def test_exported_dpr_dirs_give_back_the_trained_lengths(tmp_path, directory, pooling):
+  config, bert_config, params, tokenizer_dir = random_student(tmp_path, "dpr", pooling="cls")
+  out = export.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling="cls",
+                          query_maxlen=20, doc_maxlen=72)
+  imported = encoders.from_model_dir(out / directory, pooling=pooling)
+  assert (imported.tokenizer.query_maxlen, imported.tokenizer.doc_maxlen) == (20, 72)
+  assert imported.module.pooling == "cls"
+  overridden = encoders.from_model_dir(out / directory, pooling=pooling, query_maxlen=12)
+  assert (overridden.tokenizer.query_maxlen, overridden.tokenizer.doc_maxlen) == (12, 72)
+
+
+def test_query_encoding_shows_progress_beyond_one_batch(colbert_encoder, capsys):
+  colbert_encoder.encode_queries(TEXTS, 8)
+  assert "encode queries" not in capsys.readouterr().err
+  colbert_encoder.encode_queries(TEXTS * 5, 8)
+  assert "encode queries" in capsys.readouterr().err
+
+
+def test_encoder_from_sentence_transformers_dir_equals_sentence_transformers(minilm_dir, caplog):
+  with caplog.at_level(logging.INFO, logger=encoders.__name__):
+    encoder = encoders.from_model_dir(minilm_dir)
   assert (encoder.kind, encoder.module.pooling, encoder.normalize) == ("dpr", "mean", True)
-  assert encoder.tokenizer.doc_maxlen == 256
+  assert (encoder.tokenizer.query_maxlen, encoder.tokenizer.doc_maxlen) == (256, 256)
+  assert "records no query/document lengths: using max_seq_length of" in caplog.text
   expected = sentence_transformers.SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS)
   tokens = encoder.tokenizer.encode_docs(TEXTS)
   np.testing.assert_allclose(encoder.encode("doc", tokens["ids"], tokens["mask"]), expected, atol=1e-5)

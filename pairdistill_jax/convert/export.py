@@ -7,6 +7,12 @@ ColBERT -> `colbert/`: a stanford ColBERT checkpoint (HF_ColBERT: `bert.*` + `li
 DPR     -> `query_encoder/`, `passage_encoder/`: sentence-transformers directories (the model's pooling, dot
            similarity); `dpr_question_encoder/`, `dpr_context_encoder/`: `transformers` DPRQuestionEncoder /
            DPRContextEncoder directories (written for [CLS] pooling only: that is what those classes compute).
+
+Every directory records the query and document lengths the model was trained with, where its readers look:
+artifact.metadata (`query_maxlen`, `doc_maxlen`); `query_length` / `document_length` in
+config_sentence_transformers.json (PyLate's names; sentence-transformers reads only the keys it knows, and its
+max_seq_length is the tower's own length) or, for the `transformers` DPR directories, in config.json.
+`retrieval.encoders.from_model_dir` reads them back.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import os
 import pathlib
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -40,6 +46,7 @@ DPR_CONTEXT_DIR = "dpr_context_encoder"
 
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 _ST_POOLING = "sentence_transformers.models.Pooling"
+_ST_NORMALIZE = "sentence_transformers.models.Normalize"
 _PYLATE_DENSE = "pylate.models.Dense.Dense"
 _DPR_PREFIXES = {"DPRQuestionEncoder": "question_encoder.bert_model.",
                  "DPRContextEncoder": "ctx_encoder.bert_model."}
@@ -98,9 +105,10 @@ def export_colbert(directory: PathLike, bert_config: BertConfig, params: Mapping
 
 
 def export_dpr(directory: PathLike, bert_config: BertConfig, params: Mapping, tokenizer_dir: PathLike, *,
-               pooling: str, query_maxlen: int, doc_maxlen: int) -> pathlib.Path:
+               pooling: str, query_maxlen: int, doc_maxlen: int, normalize: bool = False) -> pathlib.Path:
   """Writes the sentence-transformers and (for [CLS] pooling) `transformers` DPR directories; returns DIRECTORY.
 
+  A `normalize`d student's sentence-transformers directories end in a Normalize module.
   `params` is the DPR tree: {'query_encoder': ..., 'passage_encoder': ...} or {'encoder': ...} (shared).
   """
   if pooling not in ("cls", "mean"):
@@ -108,17 +116,20 @@ def export_dpr(directory: PathLike, bert_config: BertConfig, params: Mapping, to
   params = nn.meta.unbox(params)
   query_params, passage_params = _towers(params)
   with hf_io._atomic_directory(pathlib.Path(directory)) as tmp:  # pylint: disable=protected-access
+    lengths = _length_fields(query_maxlen, doc_maxlen)
     _write_sentence_transformer(tmp / QUERY_ST_DIR, bert_config, query_params, tokenizer_dir,
-                                pooling=pooling, max_seq_length=query_maxlen)
+                                pooling=pooling, normalize=normalize, max_seq_length=query_maxlen, lengths=lengths)
     _write_sentence_transformer(tmp / PASSAGE_ST_DIR, bert_config, passage_params, tokenizer_dir,
-                                pooling=pooling, max_seq_length=doc_maxlen)
-    if pooling == "cls":
-      _write_dpr_encoder(tmp / DPR_QUESTION_DIR, "DPRQuestionEncoder", bert_config, query_params, tokenizer_dir)
+                                pooling=pooling, normalize=normalize, max_seq_length=doc_maxlen, lengths=lengths)
+    if pooling == "cls" and not normalize:
+      _write_dpr_encoder(tmp / DPR_QUESTION_DIR, "DPRQuestionEncoder", bert_config, query_params, tokenizer_dir,
+                         lengths)
       _write_dpr_encoder(tmp / DPR_CONTEXT_DIR, "DPRContextEncoder", bert_config, passage_params,
-                         tokenizer_dir)
+                         tokenizer_dir, lengths)
     else:
-      _log.warning("Mean-pooled DPR: exported as sentence-transformers only (transformers' DPR encoders "
-                   "return the [CLS] vector, which is not this model's embedding).")
+      _log.warning("%s DPR: exported as sentence-transformers only (transformers' DPR encoders return the "
+                   "unnormalised [CLS] vector, which is not this model's embedding).",
+                   "Normalised" if normalize else "Mean-pooled")
   return pathlib.Path(directory)
 
 
@@ -129,7 +140,7 @@ def export_trained(trained: TrainedModel, directory: PathLike) -> pathlib.Path:
     return export_colbert(directory, trained.bert_config, trained.params, trained.tokenizer_dir,
                           ColBERTSettings.from_model_config(m))
   return export_dpr(directory, trained.bert_config, trained.params, trained.tokenizer_dir, pooling=m.pooling,
-                    query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
+                    query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen, normalize=m.get("normalize", False))
 
 
 def _linear_weight(params: Mapping, bert_config: BertConfig, settings: ColBERTSettings) -> np.ndarray:
@@ -152,28 +163,38 @@ def _towers(params: Mapping) -> tuple[Mapping, Mapping]:
                    f"{sorted(params)}")
 
 
+def _length_fields(query_maxlen: int, doc_maxlen: int) -> dict[str, int]:
+  """The training lengths as a bi-encoder directory records them (PyLate's key names)."""
+  return {"query_length": query_maxlen, "document_length": doc_maxlen}
+
+
 def _write_json(path: pathlib.Path, value: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def _write_st_modules(directory: pathlib.Path, second: tuple[str, str], max_seq_length: int,
+def _write_st_modules(directory: pathlib.Path, after: Sequence[tuple[str, str]], max_seq_length: int,
                       model_config: Mapping[str, Any]) -> None:
-  """modules.json (Transformer at the root, then `second` = (path, type)) and the root's ST configs."""
-  path, module_type = second
-  _write_json(directory / "modules.json", [
-      {"idx": 0, "name": "0", "path": "", "type": _ST_TRANSFORMER},
-      {"idx": 1, "name": "1", "path": path, "type": module_type}])
+  """modules.json (Transformer at the root, then the (path, type) modules `after`) and the root's ST configs."""
+  modules = [("", _ST_TRANSFORMER), *after]
+  _write_json(directory / "modules.json", [{"idx": i, "name": str(i), "path": path, "type": module_type}
+                                           for i, (path, module_type) in enumerate(modules)])
+  for path, _ in after:
+    (directory / path).mkdir(exist_ok=True)  # sentence-transformers loads each module from its directory
   _write_json(directory / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
   _write_json(directory / "config_sentence_transformers.json", dict(model_config))
 
 
 def _write_sentence_transformer(directory: pathlib.Path, bert_config: BertConfig, bert_params: Mapping,
-                                tokenizer_dir: PathLike, *, pooling: str, max_seq_length: int) -> None:
-  """A sentence-transformers directory: BertModel at the root, then Pooling; dot-product similarity."""
+                                tokenizer_dir: PathLike, *, pooling: str, normalize: bool, max_seq_length: int,
+                                lengths: Mapping[str, int]) -> None:
+  """A sentence-transformers directory: BertModel at the root, then Pooling [then Normalize]; dot-product
+  (cosine) similarity; the training `lengths` of both towers recorded in config_sentence_transformers.json."""
   hf_io.export_bert(directory, bert_config, bert_params, tokenizer_dir=tokenizer_dir)
-  _write_st_modules(directory, ("1_Pooling", _ST_POOLING), max_seq_length,
-                    {"similarity_fn_name": "dot", "prompts": {}, "default_prompt_name": None})
+  after = [("1_Pooling", _ST_POOLING)] + ([("2_Normalize", _ST_NORMALIZE)] if normalize else [])
+  _write_st_modules(directory, after, max_seq_length,
+                    {"similarity_fn_name": "cosine" if normalize else "dot", "prompts": {},
+                     "default_prompt_name": None, **lengths})
   _write_json(directory / "1_Pooling" / "config.json", {
       "word_embedding_dimension": bert_config.hidden_size,
       "pooling_mode_cls_token": pooling == "cls",
@@ -186,7 +207,7 @@ def _write_pylate(directory: pathlib.Path, bert_config: BertConfig, bert_params:
                   linear_DxH: np.ndarray, tokenizer_dir: PathLike, settings: ColBERTSettings) -> None:
   """A PyLate ColBERT directory: BertModel at the root, then a bias-free Dense to `dim`."""
   hf_io.export_bert(directory, bert_config, bert_params, tokenizer_dir=tokenizer_dir)
-  _write_st_modules(directory, ("1_Dense", _PYLATE_DENSE), max(settings.query_maxlen, settings.doc_maxlen), {
+  _write_st_modules(directory, [("1_Dense", _PYLATE_DENSE)], max(settings.query_maxlen, settings.doc_maxlen), {
       "model_type": "ColBERT",
       "similarity_fn_name": "MaxSim",
       "prompts": {},
@@ -205,10 +226,12 @@ def _write_pylate(directory: pathlib.Path, bert_config: BertConfig, bert_params:
 
 
 def _write_dpr_encoder(directory: pathlib.Path, architecture: str, bert_config: BertConfig,
-                       bert_params: Mapping, tokenizer_dir: PathLike) -> None:
-  """A `transformers` DPR encoder directory: its BertModel has no pooler and projection_dim is 0."""
+                       bert_params: Mapping, tokenizer_dir: PathLike, lengths: Mapping[str, int]) -> None:
+  """A `transformers` DPR encoder directory: its BertModel has no pooler and projection_dim is 0; the
+  training `lengths` recorded in config.json (transformers keeps unknown config keys as attributes)."""
   no_pooler = dataclasses.replace(bert_config, add_pooling_layer=False)
   bert_params = {k: v for k, v in bert_params.items() if k != "pooler"}
   hf_io.export_bert(directory, no_pooler, bert_params, prefix=_DPR_PREFIXES[architecture],
-                    config_extra={"architectures": [architecture], "model_type": "dpr", "projection_dim": 0},
+                    config_extra={"architectures": [architecture], "model_type": "dpr", "projection_dim": 0,
+                                  **lengths},
                     tokenizer_dir=tokenizer_dir)

@@ -32,6 +32,9 @@ TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
 COLBERT_METADATA = "artifact.metadata"
+ST_MODULES = "modules.json"  # sentence-transformers
+ST_CONFIG = "sentence_bert_config.json"
+_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -268,3 +271,38 @@ def import_cross_encoder(directory: PathLike) -> tuple[BertConfig, int, dict]:
   classifier = {"kernel": np.ascontiguousarray(weight.T, dtype=np.float32),
                 "bias": np.ascontiguousarray(bias, dtype=np.float32)}
   return config, num_labels, {"bert": bert_params, "classifier": classifier}
+
+
+@dataclasses.dataclass(frozen=True)
+class STLayout:
+  """A sentence-transformers directory: where its BERT is and what follows it."""
+
+  transformer_dir: pathlib.Path
+  pooling: str | None
+  normalize: bool
+  max_seq_length: int | None
+
+
+def read_st_layout(d: pathlib.Path) -> STLayout:
+  """Where the BERT is and what follows it, from a sentence-transformers modules.json (if any)."""
+  if not (d / ST_MODULES).is_file():
+    return STLayout(d, None, False, None)
+  modules = {m["type"].rsplit(".", 1)[-1]: d / m["path"] for m in json.loads((d / ST_MODULES).read_text())}
+  unsupported = sorted(set(modules) - {"Transformer", "Pooling", "Normalize"})
+  if unsupported or "Transformer" not in modules:
+    raise ValueError(f"{d}/{ST_MODULES}: only Transformer -> Pooling [-> Normalize] models can be evaluated; "
+                     f"found modules {sorted(modules)}")
+  transformer_dir = modules["Transformer"]
+  st_config = transformer_dir / ST_CONFIG
+  max_seq_length = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+  pooling = _st_pooling(modules["Pooling"] / CONFIG) if "Pooling" in modules else None
+  return STLayout(transformer_dir, pooling, "Normalize" in modules, max_seq_length)
+
+
+def _st_pooling(path: pathlib.Path) -> str:
+  config = json.loads(path.read_text())
+  active = [flag for flag, on in config.items() if flag.startswith("pooling_mode_") and on is True]
+  mode = config.get("pooling_mode") or (_ST_POOLING_FLAGS.get(active[0]) if len(active) == 1 else None)
+  if mode not in ("cls", "mean"):
+    raise ValueError(f"{path}: pooling {config} is not supported; only cls and mean pooling are")
+  return mode

@@ -3,6 +3,11 @@
 `from_params` wraps a trained student (its training config's `model`); `from_model_dir` imports a stanford
 ColBERT directory, or an HF / sentence-transformers BERT directory read as a bi-encoder with [CLS] or mean
 pooling (plus the L2 normalisation that a sentence-transformers `Normalize` module asks for).
+
+A directory's query and document lengths are read from where it records them: stanford `artifact.metadata`
+(`query_maxlen`, `doc_maxlen`), or `query_length` / `document_length` in `config_sentence_transformers.json`
+(PyLate's names; our sentence-transformers exports write them) or in `config.json` (our `transformers` DPR
+exports). A directory that records none falls back to one length for both, and the log says so.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from jax.experimental import multihost_utils
 
 from pairdistill_jax.convert import hf_io
@@ -32,9 +38,9 @@ if TYPE_CHECKING:
   from pairdistill_jax.checkpoint import TrainedModel
 
 Tokenizer = ColBERTTokenizer | DPRTokenizer
-_ST_MODULES = "modules.json"
-_ST_CONFIG = "sentence_bert_config.json"
-_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
+_ST_MODEL_CONFIG = "config_sentence_transformers.json"
+_LENGTH_KEYS = ("query_length", "document_length")  # in _ST_MODEL_CONFIG or config.json
+_QUERY_ONLY_SETTINGS = ("query_maxlen", "query_token", "attend_to_mask_tokens")
 
 _log = logging.getLogger(__name__)
 
@@ -69,16 +75,29 @@ class Encoder:
     self.params = jax.device_put(host_params, devices.replicated(self.mesh))
     self._encode = jax.jit(self._apply, static_argnums=0)
 
-  def _doc_settings(self) -> dict[str, Any]:
-    """Everything besides the weights that changes a document's vectors."""
-    settings = {"kind": self.kind, "normalize": self.normalize, "dtype": str(self.module.dtype),
-                "tokenizer": type(self.tokenizer).__name__, "doc_maxlen": self.tokenizer.doc_maxlen,
-                "vocab": len(self.tokenizer.tokenizer)}
-    if isinstance(self.tokenizer, ColBERTTokenizer):
-      settings.update(doc_token=self.tokenizer.doc_token, mask_punctuation=self.tokenizer.mask_punctuation)
+  def settings(self) -> dict[str, Any]:
+    """Everything besides the weights that changes the vectors (for logs, metrics.json and the fingerprint).
+
+    `normalize`: whether vectors are unit length (always for ColBERT; DPR only with a Normalize module);
+    `compute_dtype`: the module's activation dtype; `matmul_precision`: JAX's default for float32 matmuls
+    ('default' lets GPUs use TF32 and TPUs bfloat16 passes).
+    """
+    tok = self.tokenizer
+    settings = {"kind": self.kind, "query_maxlen": tok.query_maxlen, "doc_maxlen": tok.doc_maxlen,
+                "normalize": self.kind == "colbert" or self.normalize,
+                "compute_dtype": np.dtype(self.module.dtype).name,
+                "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
+    if isinstance(tok, ColBERTTokenizer):
+      settings.update(query_token=tok.query_token, doc_token=tok.doc_token, mask_punctuation=tok.mask_punctuation,
+                      attend_to_mask_tokens=tok.attend_to_mask_tokens)
     if isinstance(self.module, DPR):
       settings.update(pooling=self.module.pooling)
     return settings
+
+  def _doc_settings(self) -> dict[str, Any]:
+    """The settings that change a document's vectors, and the tokenizer's identity."""
+    settings = {k: v for k, v in self.settings().items() if k not in _QUERY_ONLY_SETTINGS}
+    return {**settings, "tokenizer": type(self.tokenizer).__name__, "vocab": len(self.tokenizer.tokenizer)}
 
   def _apply(self, which: str, params: Any, ids_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
     method = self.module.encode_query if which == "query" else self.module.encode_doc
@@ -98,20 +117,24 @@ class Encoder:
     """ColBERT: [Q, query_maxlen, dim] (all vectors, [MASK] augmentation included); DPR: [Q, dim].
 
     Batches are padded to one row count; DPR batches are cut to a bucketed width (ColBERT queries keep
-    query_maxlen: every [MASK] position is scored).
+    query_maxlen: every [MASK] position is scored). A progress bar shows on process 0 when there is more
+    than one batch.
     """
     if not texts:
       raise ValueError("no queries to encode")
     rows = min(devices.round_up(batch_size, self.mesh.size), devices.round_up(len(texts), self.mesh.size))
     batches = []
-    for start in range(0, len(texts), rows):
-      tokens = self.tokenizer.encode_queries(list(texts[start:start + rows]))
-      ids_BxL, mask_BxL = tokens["ids"], tokens["mask"]
-      if self.kind == "dpr":
-        width = devices.width_bucket(int(mask_BxL.sum(1).max()), ids_BxL.shape[1])
-        ids_BxL, mask_BxL = ids_BxL[:, :width], mask_BxL[:, :width]
-      n = len(ids_BxL)
-      batches.append(self.encode("query", devices.pad_rows(ids_BxL, rows), devices.pad_rows(mask_BxL, rows))[:n])
+    with tqdm.tqdm(total=len(texts), desc="encode queries", unit="query", dynamic_ncols=True,
+                   disable=jax.process_index() != 0 or len(texts) <= rows) as bar:
+      for start in range(0, len(texts), rows):
+        tokens = self.tokenizer.encode_queries(list(texts[start:start + rows]))
+        ids_BxL, mask_BxL = tokens["ids"], tokens["mask"]
+        if self.kind == "dpr":
+          width = devices.width_bucket(int(mask_BxL.sum(1).max()), ids_BxL.shape[1])
+          ids_BxL, mask_BxL = ids_BxL[:, :width], mask_BxL[:, :width]
+        n = len(ids_BxL)
+        batches.append(self.encode("query", devices.pad_rows(ids_BxL, rows), devices.pad_rows(mask_BxL, rows))[:n])
+        bar.update(n)
     return np.concatenate(batches)
 
 
@@ -151,7 +174,8 @@ def from_params(model_config: ml_collections.ConfigDict, bert_config: BertConfig
                            mask_punctuation=m.mask_punctuation, attend_to_mask_tokens=m.attend_to_mask_tokens)
   else:
     tok = DPRTokenizer(tokenizer, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
-  return Encoder(m.kind, make_student(model_config, bert_config), params, tok, name=name)
+  return Encoder(m.kind, make_student(model_config, bert_config), params, tok,
+                 normalize=m.kind == "dpr" and m.get("normalize", False), name=name)
 
 
 def from_trained(trained: TrainedModel, *, query_maxlen: int = 0, doc_maxlen: int = 0) -> Encoder:
@@ -166,8 +190,9 @@ def from_model_dir(directory: str | pathlib.Path, *, pooling: str | None = None,
   """A stanford ColBERT directory, or an HF / sentence-transformers BERT directory (bi-encoder).
 
   For the latter, `pooling` ('cls' or 'mean') overrides the sentence-transformers Pooling config and is
-  required when there is none. Maxlens of 0 take the directory's (artifact.metadata, or the
-  sentence-transformers max_seq_length for queries and documents alike).
+  required when there is none. Maxlens of 0 take the lengths the directory records (see the module
+  docstring); where it records none, stanford ColBERT's defaults (32 / 180) or the sentence-transformers
+  max_seq_length (else the tokenizer's model_max_length) for queries and documents alike.
   """
   d = pathlib.Path(directory)
   if not d.is_dir():
@@ -184,11 +209,45 @@ def _is_stanford_colbert(d: pathlib.Path) -> bool:
   return config.is_file() and "HF_ColBERT" in (json.loads(config.read_text()).get("architectures") or [])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lengths:
+  """Query and document lengths, and where they come from (for the log)."""
+
+  query: int
+  doc: int
+  source: str
+
+
+def _choose_lengths(d: pathlib.Path, query_maxlen: int, doc_maxlen: int, recorded: _Lengths | None,
+                    fallback: _Lengths) -> tuple[int, int]:
+  """Explicit maxlens win, then the directory's record, then `fallback`; the log says which and why."""
+  if recorded is None and not (query_maxlen and doc_maxlen):
+    _log.warning("%s records no query/document lengths: using %s where eval.query_maxlen / eval.doc_maxlen "
+                 "(mine.* when mining) are 0", d, fallback.source)
+  base = recorded or fallback
+  query, doc = query_maxlen or base.query, doc_maxlen or base.doc
+  _log.info("%s: query length %d (%s), document length %d (%s)", d, query,
+            "set in the config" if query_maxlen else base.source, doc,
+            "set in the config" if doc_maxlen else base.source)
+  return query, doc
+
+
+def _colbert_lengths(d: pathlib.Path, metadata: Mapping[str, Any]) -> _Lengths | None:
+  """The lengths a stanford artifact.metadata records, if it does."""
+  fields = metadata.get("config", metadata)
+  if "query_maxlen" in fields and "doc_maxlen" in fields:
+    return _Lengths(fields["query_maxlen"], fields["doc_maxlen"], str(d / hf_io.COLBERT_METADATA))
+  return None
+
+
 def _colbert_from_dir(d: pathlib.Path, query_maxlen: int, doc_maxlen: int) -> Encoder:
   bert_config, params, metadata = hf_io.import_colbert(d)
   settings = ColBERTSettings.from_metadata(metadata)
   dim = params["linear"]["kernel"].shape[1]
-  query_maxlen, doc_maxlen = query_maxlen or settings.query_maxlen, doc_maxlen or settings.doc_maxlen
+  defaults = ColBERTSettings()
+  query_maxlen, doc_maxlen = _choose_lengths(
+      d, query_maxlen, doc_maxlen, _colbert_lengths(d, metadata),
+      _Lengths(defaults.query_maxlen, defaults.doc_maxlen, "stanford ColBERT's defaults"))
   _check_positions(bert_config, query_maxlen, doc_maxlen)
   tokenizer = ColBERTTokenizer(load_tokenizer(d), query_maxlen=query_maxlen, doc_maxlen=doc_maxlen,
                                mask_punctuation=settings.mask_punctuation,
@@ -197,41 +256,28 @@ def _colbert_from_dir(d: pathlib.Path, query_maxlen: int, doc_maxlen: int) -> En
   return Encoder("colbert", ColBERT(bert_config, dim=dim), params, tokenizer, name=d.name)
 
 
-@dataclasses.dataclass(frozen=True)
-class _STLayout:
-  transformer_dir: pathlib.Path
-  pooling: str | None
-  normalize: bool
-  max_seq_length: int | None
+def _bi_encoder_lengths(*config_paths: pathlib.Path) -> _Lengths | None:
+  """The first `query_length` / `document_length` pair recorded in these JSON files, if any."""
+  for path in config_paths:
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if all(isinstance(config.get(key), int) for key in _LENGTH_KEYS):
+      return _Lengths(*(config[key] for key in _LENGTH_KEYS), str(path))
+  return None
 
 
-def _read_st_layout(d: pathlib.Path) -> _STLayout:
-  """Where the BERT is and what follows it, from a sentence-transformers modules.json (if any)."""
-  if not (d / _ST_MODULES).is_file():
-    return _STLayout(d, None, False, None)
-  modules = {m["type"].rsplit(".", 1)[-1]: d / m["path"] for m in json.loads((d / _ST_MODULES).read_text())}
-  unsupported = sorted(set(modules) - {"Transformer", "Pooling", "Normalize"})
-  if unsupported or "Transformer" not in modules:
-    raise ValueError(f"{d}/{_ST_MODULES}: only Transformer -> Pooling [-> Normalize] models can be evaluated; "
-                     f"found modules {sorted(modules)}")
-  transformer_dir = modules["Transformer"]
-  st_config = transformer_dir / _ST_CONFIG
-  max_seq_length = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
-  pooling = _st_pooling(modules["Pooling"] / hf_io.CONFIG) if "Pooling" in modules else None
-  return _STLayout(transformer_dir, pooling, "Normalize" in modules, max_seq_length)
-
-
-def _st_pooling(path: pathlib.Path) -> str:
-  config = json.loads(path.read_text())
-  active = [flag for flag, on in config.items() if flag.startswith("pooling_mode_") and on is True]
-  mode = config.get("pooling_mode") or (_ST_POOLING_FLAGS.get(active[0]) if len(active) == 1 else None)
-  if mode not in ("cls", "mean"):
-    raise ValueError(f"{path}: pooling {config} is not supported; only cls and mean pooling are")
-  return mode
+def _bi_encoder_fallback(layout: hf_io.STLayout, tokenizer_max_length: int, max_positions: int) -> _Lengths:
+  """One length for queries and documents: max_seq_length, else the tokenizer's, within the positions."""
+  if layout.max_seq_length:
+    length, source = layout.max_seq_length, f"max_seq_length of {layout.transformer_dir / hf_io.ST_CONFIG}"
+  else:
+    length, source = tokenizer_max_length, "the tokenizer's model_max_length"
+  if length > max_positions:
+    length, source = max_positions, f"the model's {max_positions} positions"
+  return _Lengths(length, length, f"{source} ({length}) for both")
 
 
 def _bi_encoder_from_dir(d: pathlib.Path, pooling: str | None, query_maxlen: int, doc_maxlen: int) -> Encoder:
-  layout = _read_st_layout(d)
+  layout = hf_io.read_st_layout(d)
   if pooling is None and layout.pooling is None:
     raise ValueError(f"{d} has no sentence-transformers Pooling config: say how to pool with --pooling=cls "
                      f"or --pooling=mean")
@@ -242,8 +288,9 @@ def _bi_encoder_from_dir(d: pathlib.Path, pooling: str | None, query_maxlen: int
   if extra:
     _log.warning("%s: tensors not used by the bi-encoder: %s", d, ", ".join(sorted(extra)))
   tokenizer = load_tokenizer(layout.transformer_dir)
-  default_len = min(layout.max_seq_length or tokenizer.model_max_length, bert_config.max_position_embeddings)
-  query_maxlen, doc_maxlen = query_maxlen or default_len, doc_maxlen or default_len
+  recorded = _bi_encoder_lengths(d / _ST_MODEL_CONFIG, layout.transformer_dir / hf_io.CONFIG)
+  fallback = _bi_encoder_fallback(layout, tokenizer.model_max_length, bert_config.max_position_embeddings)
+  query_maxlen, doc_maxlen = _choose_lengths(d, query_maxlen, doc_maxlen, recorded, fallback)
   _check_positions(bert_config, query_maxlen, doc_maxlen)
   module = DPR(bert_config, pooling=pooling, shared_towers=True)
   return Encoder("dpr", module, {"encoder": bert_params},

@@ -6,6 +6,9 @@
   format='beir'  collection = the dataset directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; the
                  queries / qrels fields override those paths); documents whose id equals the query id are
                  never retrieved (BEIR's convention)
+Collections and queries may be any format formats.text_source reads (TSV files, BEIR files or directories);
+titles are joined to texts with data.title_separator ('auto': as the model's kind does), recorded in
+metrics.json.
 Outputs go to WORKDIR/eval/: corpus/ (the resumable embeddings), run.trec, metrics.json. Only process 0
 searches and writes; the others help encode the corpus.
 """
@@ -82,6 +85,8 @@ def check_eval_config(e: ml_collections.ConfigDict) -> None:
   for field in ("k", "batch_size", "chunk_size", "nprobe", "faiss_depth"):
     if e[field] < 1:
       raise ValueError(f"eval.{field} must be >= 1, got {e[field]}")
+  if e.vector_dtype not in corpus.VECTOR_DTYPES:
+    raise ValueError(f"eval.vector_dtype must be one of {corpus.VECTOR_DTYPES}, got {e.vector_dtype!r}")
   metrics.parse_metrics(e.metrics)
 
 
@@ -104,23 +109,25 @@ def _read_qrels(path: pathlib.Path) -> dict[str, dict[str, int]]:
 
 
 def _beir_paths(e: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, ...]:
-  root = resolve_path(e.collection, workdir)
-  corpus_path = root if root.is_file() else root / "corpus.jsonl"
-  root = corpus_path.parent
+  """(collection, queries, qrels): the dataset directory (or its corpus.jsonl), and the files beside it
+  unless eval.queries / eval.qrels name others."""
+  collection = resolve_path(e.collection, workdir)
+  root = collection.parent if collection.is_file() else collection
   queries = resolve_path(e.queries, workdir) if e.queries else root / "queries.jsonl"
   qrels = resolve_path(e.qrels, workdir) if e.qrels else root / "qrels" / f"{e.split}.tsv"
-  return corpus_path, queries, qrels
+  return collection, queries, qrels
 
 
-def load_data(e: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> EvalData:
-  """Reads the collection, the judged queries and the qrels that `config.eval` names."""
+def load_data(e: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, title_separator: str) -> EvalData:
+  """Reads the collection (titles joined to texts with `title_separator`), the judged queries and the qrels
+  that `config.eval` names; collection and queries may be TSV files or BEIR (formats.text_source)."""
   workdir = pathlib.Path(workdir)
   if e.format == "beir":
     corpus_path, queries_path, qrels_path = _beir_paths(e, workdir)
-    collection, all_queries = formats.read_beir_corpus(corpus_path), formats.read_beir_queries(queries_path)
   else:
     corpus_path, queries_path, qrels_path = (resolve_path(e[f], workdir) for f in ("collection", "queries", "qrels"))
-    collection, all_queries = formats.read_collection(corpus_path), formats.read_queries(queries_path)
+  collection = formats.text_source(corpus_path, "docs", title_separator=title_separator).read()
+  all_queries = formats.text_source(queries_path, "queries", split=e.split).read()
   qrels = _read_qrels(qrels_path)
   queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
   if len(queries) < len(qrels):
@@ -152,13 +159,14 @@ def hits_to_run(qids: list[str], doc_ids: list[str], scores_QxK: np.ndarray, ids
 
 @dataclasses.dataclass
 class Retrieved:
-  """The run as a stream of (qid, {docid: score}) (empty off process 0), the index kind, seconds per stage.
+  """The run as a stream of (qid, {docid: score}) (empty off process 0), the search settings
+  (`Searcher.settings`; off process 0 only the index kind), seconds per stage.
 
   Iterating `run` encodes and searches the queries block by block; `seconds` fills in as it goes.
   """
 
   run: Iterator[tuple[str, dict[str, float]]]
-  index: str
+  search: dict[str, Any]
   seconds: dict[str, float]
 
 
@@ -171,11 +179,11 @@ def retrieve(encoder: Encoder, collection: Mapping[str, str], queries: Mapping[s
   start = time.perf_counter()
   doc_ids = list(collection)
   store = corpus.encode_corpus(encoder, [collection[d] for d in doc_ids], corpus_dir,
-                               batch_size=e.batch_size, chunk_size=e.chunk_size)
+                               batch_size=e.batch_size, chunk_size=e.chunk_size, vector_dtype=e.vector_dtype)
   options = _search_options(e)
   seconds = {"encode_corpus": time.perf_counter() - start}
   if jax.process_index() != 0:
-    return Retrieved(iter(()), options.resolve(store), seconds)
+    return Retrieved(iter(()), {"index": options.resolve(store)}, seconds)
   started = time.perf_counter()
   searcher = search.Searcher(store, options, encoder.mesh)
   seconds.update(index=time.perf_counter() - started, encode_queries=0.0, search=0.0)
@@ -192,28 +200,38 @@ def retrieve(encoder: Encoder, collection: Mapping[str, str], queries: Mapping[s
       seconds["search"] += time.perf_counter() - searched
       yield from hits_to_run(block, doc_ids, scores, ids, e.k, drop_self).items()
 
-  return Retrieved(stream(), searcher.kind, seconds)
+  return Retrieved(stream(), searcher.settings(), seconds)
 
 
 def evaluate(encoder: Encoder, data: EvalData, e: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
              *, extra: Mapping[str, Any] | None = None) -> EvalResult:
-  """Encodes, searches, writes OUT_DIR/run.trec and metrics.json; returns the metrics (empty off process 0)."""
+  """Encodes, searches, writes OUT_DIR/run.trec and metrics.json; returns the metrics (empty off process 0).
+
+  The log's first line and metrics.json state every setting that changes the numbers: the encoder's
+  (`Encoder.settings`), the search's (`Searcher.settings`: index kind and parameters, stored vector dtype), k,
+  and `extra` (e.g. the step, the title separator).
+  """
   out_dir = pathlib.Path(out_dir)
   start = time.perf_counter()
-  retrieved = retrieve(encoder, data.collection, data.queries, e, out_dir / "corpus", drop_self=data.drop_self)
+  settings = {**encoder.settings(), "vector_dtype": e.vector_dtype, "index": e.index, "k": e.k, **(extra or {})}
+  _log.info("Evaluating %s on %d queries, %d documents: %s", encoder.name, len(data.queries),
+            len(data.collection), ", ".join(f"{key}={value!r}" for key, value in settings.items()))
+  corpus_dir = resolve_path(e.corpus_dir, out_dir.parent) if e.corpus_dir else out_dir / "corpus"
+  retrieved = retrieve(encoder, data.collection, data.queries, e, corpus_dir, drop_self=data.drop_self)
   run = dict(retrieved.run)
-  seconds, index = retrieved.seconds, retrieved.index
+  settings.update(retrieved.search)
+  seconds, index = retrieved.seconds, retrieved.search["index"]
   if jax.process_index() != 0:
     return EvalResult({}, encoder.name, len(data.qrels), len(data.collection), index, dict(seconds, total=0.0),
                       out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)  # the corpus may live elsewhere (eval.corpus_dir)
   formats.write_run(out_dir / RUN_FILE, run)
   values = metrics.compute_metrics(run, data.qrels, e.metrics)
   seconds["total"] = time.perf_counter() - start
   result = EvalResult(values, encoder.name, len(data.qrels), len(data.collection), index, seconds, out_dir)
   with formats.atomic_write(out_dir / METRICS_FILE) as f:
     json.dump({"metrics": values, "model": encoder.name, "queries": result.num_queries,
-               "documents": result.num_docs, "index": index, "k": e.k, "seconds": seconds,
-               "run": RUN_FILE, **(extra or {})}, f, indent=2)
+               "documents": result.num_docs, **settings, "seconds": seconds, "run": RUN_FILE}, f, indent=2)
   return result
 
 
@@ -228,25 +246,56 @@ def evaluate_params(config: ml_collections.ConfigDict, bert_config: BertConfig, 
   check_eval_config(e)
   encoder = encoders.from_params(config.model, bert_config, params, tokenizer_dir, query_maxlen=e.query_maxlen,
                                  doc_maxlen=e.doc_maxlen, name=config.model.kind)
-  result = evaluate(encoder, load_data(e, workdir), e, pathlib.Path(workdir) / EVAL_DIR, extra={"step": step})
+  separator = formats.title_separator(config.data.title_separator, config.model.kind)
+  result = evaluate(encoder, load_data(e, workdir, title_separator=separator), e, pathlib.Path(workdir) / EVAL_DIR,
+                    extra={"step": step, "title_separator": separator})
   return result.metrics
 
 
-def evaluate_trained(trained: TrainedModel, eval_config: ml_collections.ConfigDict,
-                     workdir: str | pathlib.Path) -> EvalResult:
-  """Evaluates a workdir's trained model (the model of its own config) on the data of `eval_config`."""
+def evaluate_trained(trained: TrainedModel, eval_config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                     *, title_separator: str = "auto") -> EvalResult:
+  """Evaluates a workdir's trained model (the model of its own config) on the data of `eval_config`;
+  'auto' joins titles as the model's kind does (formats.title_separator)."""
   check_eval_config(eval_config)
   encoder = encoders.from_trained(trained, query_maxlen=eval_config.query_maxlen,
                                   doc_maxlen=eval_config.doc_maxlen)
-  return evaluate(encoder, load_data(eval_config, workdir), eval_config, pathlib.Path(workdir) / EVAL_DIR,
-                  extra={"step": trained.step})
+  separator = formats.title_separator(title_separator, trained.config.model.kind)
+  return evaluate(encoder, load_data(eval_config, workdir, title_separator=separator), eval_config,
+                  pathlib.Path(workdir) / EVAL_DIR, extra={"step": trained.step, "title_separator": separator})
 
 
 def evaluate_model_dir(model_dir: str | pathlib.Path, eval_config: ml_collections.ConfigDict,
-                       workdir: str | pathlib.Path, *, pooling: str | None = None) -> EvalResult:
-  """Evaluates an imported stanford ColBERT / HF / sentence-transformers directory without training."""
+                       workdir: str | pathlib.Path, *, pooling: str | None = None,
+                       title_separator: str = "auto") -> EvalResult:
+  """Evaluates an imported stanford ColBERT / HF / sentence-transformers directory without training; 'auto'
+  joins titles as its kind does: ' | ' for stanford ColBERT, ' ' for a bi-encoder (formats.title_separator)."""
   check_eval_config(eval_config)
   encoder = encoders.from_model_dir(model_dir, pooling=pooling, query_maxlen=eval_config.query_maxlen,
                                     doc_maxlen=eval_config.doc_maxlen)
-  return evaluate(encoder, load_data(eval_config, workdir), eval_config, pathlib.Path(workdir) / EVAL_DIR,
-                  extra={"model_dir": str(model_dir)})
+  separator = formats.title_separator(title_separator, encoder.kind)
+  return evaluate(encoder, load_data(eval_config, workdir, title_separator=separator), eval_config,
+                  pathlib.Path(workdir) / EVAL_DIR, extra={"model_dir": str(model_dir), "title_separator": separator})
+
+
+def evaluate_initial(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> EvalResult:
+  """Evaluates the student the config starts from (init.checkpoint / init.pretrained cut to init.layers, new
+  parameters such as ColBERT's projection drawn as training draws them): the 'before training' number."""
+  from pairdistill_jax.convert import students  # noqa: PLC0415 (the training-side import path)
+  from pairdistill_jax.data.tokenization import load_tokenizer  # noqa: PLC0415
+  from pairdistill_jax.models.students import make_student  # noqa: PLC0415
+  from pairdistill_jax.train import state as state_lib  # noqa: PLC0415
+
+  e = config.eval
+  check_eval_config(e)
+  tokenizer_dir = students.tokenizer_dir(config)
+  bert_config, pretrained = students.import_student(config, vocab_size=len(load_tokenizer(tokenizer_dir)))
+  model = make_student(config.model, bert_config)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))  # train.loop's split
+  params = jax.device_get(state_lib.init_params(model, config, init_rng)) | pretrained
+  encoder = encoders.from_params(config.model, bert_config, params, tokenizer_dir, query_maxlen=e.query_maxlen,
+                                 doc_maxlen=e.doc_maxlen, name=f"{config.model.kind}@init")
+  separator = formats.title_separator(config.data.title_separator, config.model.kind)
+  field, source = students.init_source(config)
+  return evaluate(encoder, load_data(e, workdir, title_separator=separator), e, pathlib.Path(workdir) / EVAL_DIR,
+                  extra={"init": {field or "random": source, "layers": config.init.layers},
+                         "title_separator": separator})

@@ -2,7 +2,8 @@
 
   bi-encoder  'flat'   exact inner product (IndexFlatIP)
               'ivfpq'  IVF-PQ (approximate scores)
-  ColBERT     'exact'  MaxSim against every document, on the local devices (small collections)
+  ColBERT     'exact'  MaxSim against every document, on the local devices (small collections), in float32
+                       whatever the store's vector dtype
               'ivfpq'  ColBERTv1: every query vector fetches its `faiss_depth` nearest document tokens from a
                        token-level IVF-PQ index; their documents are re-ranked by exact MaxSim on device
 'auto' picks flat for bi-encoders, and exact for ColBERT up to `exact_max_tokens` document tokens.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +74,16 @@ class Searcher:
     elif self.kind == "ivfpq":
       self.index = _ivfpq_index(store, store.num_tokens, options)
 
+  def settings(self) -> dict[str, Any]:
+    """What changes the results besides the vectors: the index kind and parameters, the stored vector dtype."""
+    settings = {"index": self.kind, "vector_dtype": str(self.store.chunks[0].dtype)}
+    if self.kind != "ivfpq":
+      return settings
+    if isinstance(self.store, DenseStore):
+      return {**settings, **_ivfpq_params(self.options, self.store.num_docs, self.store.dim)}
+    return {**settings, **_ivfpq_params(self.options, self.store.num_tokens, self.store.dim),
+            "faiss_depth": self.options.faiss_depth}
+
   def search(self, queries: np.ndarray, k: int) -> Hits:
     """The top-k documents of each query: DPR queries [Q, dim], ColBERT queries [Q, Lq, dim]."""
     if isinstance(self.store, DenseStore):
@@ -94,13 +106,20 @@ def _flat_index(store: DenseStore):
   return index
 
 
-def _ivfpq_index(store: Store, n_vectors: int, options: SearchOptions):
+def _ivfpq_params(options: SearchOptions, n_vectors: int, dim: int) -> dict[str, int]:
+  """The IVF-PQ lists, sub-quantizers, training vectors and probes for `n_vectors` vectors of `dim`."""
   nlist = options.nlist or faiss_index.default_nlist(n_vectors)
-  train_size = options.train_size or max(64 * nlist, n_vectors // 20)
-  m = options.pq_m or max(store.dim // 8, 1)
-  _log.info("IVF-PQ: %d lists, %d sub-quantizers, trained on %d of %d vectors, nprobe %d", nlist, m,
-            min(train_size, n_vectors), n_vectors, options.nprobe)
-  index = faiss_index.ivfpq(store.dim, store.sample(train_size), nlist=nlist, m=m, nprobe=options.nprobe)
+  train_size = min(options.train_size or max(64 * nlist, n_vectors // 20), n_vectors)
+  return {"nlist": nlist, "pq_m": options.pq_m or max(dim // 8, 1), "train_size": train_size,
+          "nprobe": options.nprobe}
+
+
+def _ivfpq_index(store: Store, n_vectors: int, options: SearchOptions):
+  p = _ivfpq_params(options, n_vectors, store.dim)
+  _log.info("IVF-PQ: %d lists, %d sub-quantizers, trained on %d of %d vectors, nprobe %d", p["nlist"], p["pq_m"],
+            p["train_size"], n_vectors, p["nprobe"])
+  index = faiss_index.ivfpq(store.dim, store.sample(p["train_size"]), nlist=p["nlist"], m=p["pq_m"],
+                            nprobe=p["nprobe"])
   for chunk in store.chunks:
     faiss_index.add(index, chunk)
   return index
@@ -113,10 +132,17 @@ def _merge_top_k(top_QxK, top_ids_QxK, scores_QxM, ids_M, k: int):
   return top_QxK, jnp.take_along_axis(all_ids_QxKM, position_QxK, axis=1)
 
 
+def maxsim_float32(q_QxLxD: jax.Array, d_MxWxD: jax.Array, d_mask_MxW: jax.Array) -> jax.Array:
+  """MaxSim [Q, M] with float32 products on every platform (by default GPUs multiply float32 in TF32 and
+  TPUs in bfloat16 passes)."""
+  with jax.default_matmul_precision("float32"):
+    return scoring.maxsim(q_QxLxD.astype(jnp.float32), d_MxWxD.astype(jnp.float32), d_mask_MxW)
+
+
 @functools.partial(jax.jit, static_argnames="k")
 def _exact_step(q_QxLxD, d_MxWxD, d_mask_MxW, ids_M, top_QxK, top_ids_QxK, *, k: int):
   """Scores a document block and merges it into the running top-k (documents with id -1 never enter)."""
-  scores_QxM = scoring.maxsim(q_QxLxD, d_MxWxD.astype(jnp.float32), d_mask_MxW)
+  scores_QxM = maxsim_float32(q_QxLxD, d_MxWxD, d_mask_MxW)
   scores_QxM = jnp.where(ids_M[None] >= 0, scores_QxM, -jnp.inf)
   return _merge_top_k(top_QxK, top_ids_QxK, scores_QxM, ids_M, k)
 
@@ -153,7 +179,7 @@ def maxsim_exact(q_QxLxD: np.ndarray, store: TokenStore, k: int, mesh: jax.shard
 
 @jax.jit
 def _rerank_step(q_1xLxD, d_MxWxD, d_mask_MxW):
-  return scoring.maxsim(q_1xLxD, d_MxWxD.astype(jnp.float32), d_mask_MxW)[0]
+  return maxsim_float32(q_1xLxD, d_MxWxD, d_mask_MxW)[0]
 
 
 def _rerank(q_LxD: np.ndarray, candidates: np.ndarray, store: TokenStore, width: int,

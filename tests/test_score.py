@@ -169,22 +169,32 @@ def test_unknown_passage_in_the_run_is_named(task, tmp_path):
     _score(task, "bad.jsonl", run=str(bad_run))
 
 
-def test_imported_bi_encoder_as_pointwise_teacher(task, minilm_dir):
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_imported_bi_encoder_as_pointwise_teacher(task, minilm_dir, monkeypatch, scale):
   """A sentence-transformers model as the pointwise teacher: its cosine scores, as sentence-transformers
-  computes them; no pairs (pairwise.kind='none')."""
+  computes them, times the teacher scale (default 20, the scale it was trained with: raw cosines give
+  nearly uniform softmax targets); no pairs (pairwise.kind='none'). Each passage is encoded once."""
   import sentence_transformers  # noqa: PLC0415
 
+  from pairdistill_jax.retrieval import corpus  # noqa: PLC0415
+
   root, collection, queries, run = task
-  config = _config(root, str(root / "bi_encoder.jsonl"))
-  config.teacher.pointwise.update(kind="retriever", model=str(minilm_dir), max_length=128)
+  encoded = []
+  encode_chunk = corpus.encode_chunk
+  monkeypatch.setattr(corpus, "encode_chunk", lambda enc, texts, *a, **k: (encoded.extend(texts),
+                                                                             encode_chunk(enc, texts, *a, **k))[1])
+  config = _config(root, str(root / f"bi_encoder_{scale}.jsonl"))
+  config.teacher.pointwise.update(kind="retriever", model=str(minilm_dir), max_length=128, scale=scale)
   config.teacher.pairwise.kind = "none"
   result = score.score(config, root, queries_path=str(root / "queries.tsv"),
                        collection_path=str(root / "collection.tsv"), student=rounds.student_factory(config, root))
+  assert sorted(encoded) == sorted(collection.values())  # once each, not once per (query, passage)
+  assert formats.read_record(formats.sidecar(result.path))["settings"]["pointwise"]["scale"] == (scale or 20.0)
   model = sentence_transformers.SentenceTransformer(str(minilm_dir), device="cpu")
   for example in formats.read_training_lines(result.path):
     q_D = model.encode([queries[example.qid]], normalize_embeddings=True)[0]
     p_NxD = model.encode([collection[p] for p in run[example.qid]], normalize_embeddings=True)
-    expected = dict(zip(run[example.qid], p_NxD @ q_D))
+    expected = dict(zip(run[example.qid], (scale or 20.0) * (p_NxD @ q_D)))
     best = sorted(expected, key=lambda p: -expected[p])[:8]
     assert list(example.pids) == best and not example.pairs
-    np.testing.assert_allclose(example.scores, [expected[p] for p in best], atol=1e-5)
+    np.testing.assert_allclose(example.scores, [expected[p] for p in best], atol=2e-5 * (scale or 20.0))

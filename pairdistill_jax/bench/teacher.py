@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pairdistill_jax import sharding
+from pairdistill_jax import config_lib, sharding
 from pairdistill_jax.bench import measure
 from pairdistill_jax.teachers import load
 from pairdistill_jax.teachers.runner import ShardedScorer, teacher_mesh
@@ -68,6 +68,9 @@ def run(config: ml_collections.ConfigDict, student: Callable | None = None,
   records = []
   for role, arity, unit in roles:
     teacher = load.load(t[role], role, student)
+    if isinstance(teacher, load.RetrieverTeacher):
+      raise config_lib.ConfigError("a retriever teacher costs one corpus encoding plus the queries': measure it "
+                                   "with --config.benchmark.what=encode instead of teacher")
     scorer = ShardedScorer(teacher, mesh, rules, batch_per_device=t[role].batch_per_device,
                            bucket_multiple=t.bucket_multiple)
     texts = synthetic_texts(b.teacher_items, arity, b.teacher_query_words, b.teacher_passage_words)

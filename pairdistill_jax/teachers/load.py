@@ -4,7 +4,8 @@
                             2 labels -> log-softmax of label 1 (monoBERT)
              monot5         T5: log P("true") of `Query: q Document: d Relevant:` (log-softmax over true/false)
              retriever      a student: a workdir of ours, a stanford ColBERT or an HF / sentence-transformers
-                            bi-encoder directory; '' = the model being mined with (config.init / the workdir)
+                            bi-encoder directory; '' = the model being mined with (config.init / the workdir);
+                            its scores times `scale` (default: 20 for cosine bi-encoders, else 1)
   pairwise   duot5          T5: log P("true") of `Query: q Document0: d_i Document1: d_j Relevant:`
              duobert        BertForSequenceClassification, 2 labels: log-softmax of label 1 (d_i beats d_j)
              pointwise      no model: log σ(t_i − t_j) of the pointwise scores (score.py)
@@ -14,6 +15,7 @@ Nothing is downloaded: `model` is a local directory (e.g. fetched with `huggingf
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -23,11 +25,10 @@ import ml_collections
 import numpy as np
 
 from pairdistill_jax.convert import hf_io, t5_table
-from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer
+from pairdistill_jax.data.tokenization import load_tokenizer
 from pairdistill_jax.models.cross_encoder import CrossEncoder
-from pairdistill_jax.models.students import l2_normalize
 from pairdistill_jax.models.t5 import T5Scorer
-from pairdistill_jax.retrieval.encoders import Encoder, host_tree
+from pairdistill_jax.retrieval.encoders import Encoder
 from pairdistill_jax.teachers import inputs
 from pairdistill_jax.teachers.runner import Teacher
 
@@ -101,46 +102,36 @@ def t5(cfg: ml_collections.ConfigDict, role: str) -> Teacher:
                  _abstract(module, shape, shape), {"input_ids": tokenizer.pad_token_id or 0})
 
 
-def retriever(encoder: Encoder) -> Teacher:
-  """A student retriever as the pointwise teacher: its MaxSim (ColBERT) or dot product (DPR) score.
+@dataclasses.dataclass
+class RetrieverTeacher:
+  """A student retriever as the pointwise teacher (scored by `teachers.retriever.RetrieverScorer`).
 
   Its name carries the encoder's fingerprint (weights and settings): two students at the same step differ.
+  `scale` multiplies its scores into teacher logits (see `pointwise_scale`).
   """
-  tok = encoder.tokenizer
-  module = encoder.module
-  colbert = isinstance(tok, ColBERTTokenizer)
 
-  def encode(texts: Sequence[tuple[str, ...]]):
-    queries, passages = (list(c) for c in zip(*texts))
-    q, d = tok.encode_queries(queries), tok.encode_docs(passages)
-    q_lengths = np.full(len(texts), q["ids"].shape[1]) if colbert else q["mask"].sum(1)
-    d_lengths = d["mask"].sum(1)
-    items = []
-    for i in range(len(texts)):
-      item = {"q_ids": q["ids"][i, :q_lengths[i]], "q_mask": q["mask"][i, :q_lengths[i]],
-              "d_ids": d["ids"][i, :d_lengths[i]], "d_mask": d["mask"][i, :d_lengths[i]]}
-      if colbert:  # every query vector counts ([MASK] augmentation); padding added by the runner does not
-        item["q_score_mask"] = np.ones(q_lengths[i], np.int32)
-        item["d_score_mask"] = d["score_mask"][i, :d_lengths[i]]
-      items.append(item)
-    return items
+  encoder: Encoder
+  scale: float
 
-  def apply(p, batch):
-    q = module.apply({"params": p}, batch["q_ids"], batch["q_mask"], method=module.encode_query)
-    d = module.apply({"params": p}, batch["d_ids"], batch["d_mask"], method=module.encode_doc)
-    if colbert:
-      sim_BxQxD = jnp.einsum("bqh,bdh->bqd", q, d, preferred_element_type=jnp.float32)
-      sim_BxQxD = jnp.where(batch["d_score_mask"][:, None, :] > 0, sim_BxQxD, -1e4)
-      return (sim_BxQxD.max(-1) * batch["q_score_mask"]).sum(-1)
-    if encoder.normalize:
-      q, d = l2_normalize(q), l2_normalize(d)
-    return jnp.einsum("bh,bh->b", q.astype(jnp.float32), d.astype(jnp.float32))
+  @property
+  def name(self) -> str:
+    return f"retriever:{self.encoder.name}:{self.encoder.fingerprint[:12]}"
 
-  shape = (1, 8)
-  pad = tok.tokenizer.pad_token_id or 0
-  return Teacher(f"retriever:{encoder.name}:{encoder.fingerprint[:12]}", encode, apply, host_tree(encoder.params),
-                 _abstract(module, shape, shape, shape, shape),
-                 {"q_ids": pad, "d_ids": pad})
+
+# sentence-transformers' MultipleNegativesRankingLoss scale (1 / temperature), which cosine bi-encoders such as
+# all-MiniLM-L6-v2 are trained with: their softmax over cosine scores is softmax(20 * cos).
+COSINE_SCALE = 20.0
+
+
+def pointwise_scale(cfg: ml_collections.ConfigDict, encoder: Encoder | None = None) -> float:
+  """teacher.pointwise.scale, or when 0 its default: COSINE_SCALE for a cosine retriever (scores in [-1, 1],
+  whose raw softmax is nearly uniform), else 1 (cross-encoder and monoT5 logits, MaxSim sums and dot products
+  are used as they are)."""
+  if cfg.scale < 0:
+    raise ValueError(f"teacher.pointwise.scale must be > 0 (or 0 for the default), got {cfg.scale}")
+  if cfg.scale:
+    return float(cfg.scale)
+  return COSINE_SCALE if encoder is not None and encoder.kind == "dpr" and encoder.normalize else 1.0
 
 
 _NEEDS_MODEL = ("cross_encoder", "duobert", "monot5", "duot5")
@@ -155,7 +146,8 @@ def check_model_dirs(t: ml_collections.ConfigDict) -> None:
       _model_dir(cfg, role)
 
 
-def load(cfg: ml_collections.ConfigDict, role: str, student: Callable[..., Encoder] | None = None) -> Teacher:
+def load(cfg: ml_collections.ConfigDict, role: str,
+         student: Callable[..., Encoder] | None = None) -> Teacher | RetrieverTeacher:
   """The teacher of `config.teacher.<role>`; `student(cfg)` builds the Encoder of a retriever teacher."""
   kinds = POINTWISE_KINDS if role == "pointwise" else PAIRWISE_KINDS
   if cfg.kind not in kinds:
@@ -169,5 +161,6 @@ def load(cfg: ml_collections.ConfigDict, role: str, student: Callable[..., Encod
   if cfg.kind == "retriever":
     if student is None:
       raise ValueError(f"teacher.{role}.kind='retriever' needs a student factory (run it through --mode=score)")
-    return retriever(student(cfg))
+    encoder = student(cfg)
+    return RetrieverTeacher(encoder, pointwise_scale(cfg, encoder))
   raise ValueError(f"teacher.{role}.kind={cfg.kind!r} has no model")

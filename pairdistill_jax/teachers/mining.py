@@ -18,13 +18,27 @@ import time
 import jax
 import ml_collections
 
-from pairdistill_jax import checkpoint, distributed
+from pairdistill_jax import checkpoint, config_lib, distributed
 from pairdistill_jax.convert import students
 from pairdistill_jax.data import formats
 from pairdistill_jax.retrieval import encoders, evaluate
 from pairdistill_jax.retrieval.encoders import Encoder
 
 _log = logging.getLogger(__name__)
+
+
+CORPUS_DIR = "corpus"  # the collection's embeddings, beside the run
+
+
+def corpus_location(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, run: pathlib.Path) -> pathlib.Path:
+  """Where mining keeps the collection's embeddings: mine.corpus_dir, else beside the run."""
+  return evaluate.resolve_path(config.mine.corpus_dir, workdir) if config.mine.corpus_dir else run.parent / CORPUS_DIR
+
+
+def keeps_corpus(config: ml_collections.ConfigDict) -> bool:
+  """mine.keep_corpus, or a retriever teacher that is the mining model and will reuse the vectors."""
+  pointwise = config.teacher.pointwise
+  return config.mine.keep_corpus or (pointwise.kind == "retriever" and not pointwise.model)
 
 
 @dataclasses.dataclass
@@ -60,23 +74,26 @@ def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 
 def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, queries_path: str,
          collection_path: str) -> Mined:
-  """Retrieves `config.mine.k` passages per query of `queries_path` from `collection_path`; writes the run."""
+  """Retrieves `config.mine.k` passages per query of `queries_path` from `collection_path` (TSV files or BEIR,
+  read with data.split and data.title_separator); writes the run."""
   m = config.mine
   start = time.perf_counter()
   out = evaluate.resolve_path(m.output, workdir)
+  queries_source = config_lib.data_source(config, queries_path, "queries")
+  collection_source = config_lib.data_source(config, collection_path, "docs")
   encoder = student_encoder(config, workdir, m.model, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen,
                             field="mine.model")
   settings = {"model": encoder.name, "fingerprint": encoder.fingerprint, "queries": str(queries_path),
-              "collection": str(collection_path), "query_maxlen": encoder.tokenizer.query_maxlen,
-              **{k: m[k] for k in ("k", "index", "nprobe", "faiss_depth", "exact_max_tokens")}}
+              "collection": str(collection_path), "queries_read": queries_source.settings(),
+              "collection_read": collection_source.settings(), "query_maxlen": encoder.tokenizer.query_maxlen,
+              **{k: m[k] for k in ("k", "index", "nprobe", "faiss_depth", "exact_max_tokens", "vector_dtype")}}
   if distributed.agree(formats.read_record(formats.sidecar(out)) == settings and out.exists()):
     _log.info("Mining: %s is up to date (same model and settings); skipped", out)
     return Mined(out, -1, -1, encoder.name, 0.0, skipped=True)
-  collection = formats.read_collection(collection_path)
-  queries = formats.read_queries(queries_path)
+  collection, queries = collection_source.read(), queries_source.read()
   _log.info("Mining the top %d of %d queries (%s) over %d passages (%s) with %s", m.k, len(queries),
             queries_path, len(collection), collection_path, encoder.name)
-  corpus_dir = out.parent / "corpus"
+  corpus_dir = corpus_location(config, workdir, out)
   retrieved = evaluate.retrieve(encoder, collection, queries, m, corpus_dir, query_block=m.query_block)
   if jax.process_index() == 0:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +101,9 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
     with formats.atomic_write(formats.sidecar(out)) as f:
       json.dump(settings, f, indent=2)
   distributed.barrier("mined run written")
-  if not m.keep_corpus and jax.process_index() == 0:
+  if keeps_corpus(config):
+    _log.info("Keeping %s for the retriever teacher (scoring deletes it unless mine.keep_corpus)", corpus_dir)
+  elif jax.process_index() == 0:
     shutil.rmtree(corpus_dir, ignore_errors=True)
   seconds = time.perf_counter() - start
   _log.info("Mined %s in %.1f s (%s)", out, seconds,

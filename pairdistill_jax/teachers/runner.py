@@ -97,8 +97,8 @@ class ShardedScorer:
                         out_shardings=sharding.replicated(mesh))
     self.items_scored, self.seconds = 0, 0.0
 
-  def score(self, items: Sequence[Item]) -> np.ndarray:
-    """One float32 score per item, in order."""
+  def score(self, items: Sequence[Item], on_batch: Callable[[int], object] = lambda n: None) -> np.ndarray:
+    """One float32 score per item, in order; `on_batch(rows)` as each batch's scores arrive."""
     start = time.perf_counter()
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
@@ -115,6 +115,7 @@ class ShardedScorer:
           pending.append((chunk, self._run(self.params, global_batch)))
     for chunk, out in pending:
       scores[chunk] = np.asarray(out.addressable_shards[0].data)[:len(chunk)]
+      on_batch(len(chunk))
     self.items_scored += len(items)
     self.seconds += time.perf_counter() - start
     return scores

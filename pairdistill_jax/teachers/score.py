@@ -24,13 +24,15 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from pairdistill_jax import distributed, sharding
+from pairdistill_jax import config_lib, distributed, sharding
 from pairdistill_jax.data import formats, store
 from pairdistill_jax.retrieval import evaluate, metrics
-from pairdistill_jax.teachers import load, pairs
+from pairdistill_jax.teachers import load, mining, pairs
+from pairdistill_jax.teachers.retriever import RetrieverScorer
 from pairdistill_jax.teachers.runner import ShardedScorer, Teacher, teacher_mesh
 
 CHUNKS_SUFFIX = ".chunks"
+TEACHER_CORPUS_DIR = "teacher_corpus"  # a retriever teacher's collection vectors, beside the output
 MANIFEST = "manifest.json"
 
 _log = logging.getLogger(__name__)
@@ -64,16 +66,17 @@ def check_teacher_config(t: ml_collections.ConfigDict) -> None:
       raise ValueError(f"teacher.{role}.batch_per_device must be >= 1, got {t[role].batch_per_device}")
 
 
-def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries_path: str, collection_path: str,
-             pointwise_name: str, tensor: int) -> dict:
+def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries: formats.TextSource,
+             collection: formats.TextSource, pointwise: Teacher | load.RetrieverTeacher, tensor: int) -> dict:
   """What the output depends on; chunks of other settings are never mixed into it."""
   roles = {role: {k: t[role][k] for k in ("kind", "model", "tokenizer", "max_length", "dtype")}
            for role in ("pointwise", "pairwise")}
-  roles["pointwise"]["resolved"] = pointwise_name
+  roles["pointwise"].update(resolved=pointwise.name, scale=_scale(t, pointwise))
   # Not batch_per_device (a restart after running out of memory may lower it) nor the data/fsdp axes: rows
   # are scored independently. A tensor axis splits the sums inside each row, so its size is recorded.
-  return {"run": str(run_path), "run_sha256": store.file_identity(run_path)["sha256"], "queries": str(queries_path),
-          "collection": str(collection_path), **roles, "mesh_tensor": tensor,
+  return {"run": str(run_path), "run_sha256": store.file_identity(run_path)["sha256"], "queries": str(queries.path),
+          "collection": str(collection.path), "queries_read": queries.settings(),
+          "collection_read": collection.settings(), **roles, "mesh_tensor": tensor,
           **{k: t[k] for k in ("top_n", "nway", "topk", "max_distance", "n_pairs", "seed", "chunk_queries",
                                "bucket_multiple")}}
 
@@ -82,17 +85,24 @@ def _ranked(scored: dict[str, float], top_n: int) -> list[str]:
   return [doc for doc, _ in metrics.ranked(scored)[:top_n]]
 
 
-def _count_and_check(run_path: pathlib.Path, queries, collection, queries_path, collection_path) -> int:
-  """The number of queries of the run, after checking that every id has a text (before any scoring)."""
-  count = 0
+def _scale(t: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher) -> float:
+  return pointwise.scale if isinstance(pointwise, load.RetrieverTeacher) else load.pointwise_scale(t.pointwise)
+
+
+def _count_and_check(run_path: pathlib.Path, queries, collection, queries_path, collection_path,
+                     top_n: int) -> tuple[int, int]:
+  """The numbers of queries and of passages to score in the run, after checking that every id has a text
+  (before any scoring)."""
+  n_queries = n_passages = 0
   for qid, scored in formats.iter_run(run_path):
     if qid not in queries:
       raise ValueError(f"{run_path}: query {qid!r} is not in {queries_path}")
     for pid in scored:
       if pid not in collection:
         raise ValueError(f"{run_path}: passage {pid!r} (query {qid!r}) is not in {collection_path}")
-    count += 1
-  return count
+    n_queries += 1
+    n_passages += min(len(scored), top_n)
+  return n_queries, n_passages
 
 
 def _chunks(run_path: pathlib.Path, top_n: int, size: int) -> Iterator[list[tuple[str, list[str]]]]:
@@ -134,25 +144,40 @@ def _prepare_chunks(directory: pathlib.Path, manifest: dict) -> None:
 
 
 class _Teachers:
-  """The pointwise and pairwise scorers (or the pointwise-margin rule) on one mesh."""
+  """The pointwise scorer (a model on the teacher mesh, or a retriever over its stored collection vectors) and
+  the pairwise one (or the pointwise-margin rule)."""
 
-  def __init__(self, t: ml_collections.ConfigDict, pointwise: Teacher, pairwise: Teacher | None,
-               mesh: jax.sharding.Mesh, rules: sharding.Rules):
-    self.pointwise = ShardedScorer(pointwise, mesh, rules, batch_per_device=t.pointwise.batch_per_device,
-                                   bucket_multiple=t.bucket_multiple)
+  def __init__(self, t: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher,
+               pairwise: Teacher | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *, collection,
+               corpus_dirs: tuple[pathlib.Path, pathlib.Path]):
+    self.scale = _scale(t, pointwise)
+    if isinstance(pointwise, load.RetrieverTeacher):
+      self.pointwise = RetrieverScorer(
+          pointwise.encoder, collection, reuse_dir=corpus_dirs[0], own_dir=corpus_dirs[1],
+          batch_size=t.pointwise.batch_per_device * pointwise.encoder.mesh.size)
+    else:
+      self.pointwise = ShardedScorer(pointwise, mesh, rules, batch_per_device=t.pointwise.batch_per_device,
+                                     bucket_multiple=t.bucket_multiple)
     self.pairwise = None if pairwise is None else ShardedScorer(
         pairwise, mesh, rules, batch_per_device=t.pairwise.batch_per_device, bucket_multiple=t.bucket_multiple)
 
+  def pointwise_scores(self, chunk: Sequence[tuple[str, list[str]]], queries, collection,
+                       on_batch: Callable[[int], object]) -> list[np.ndarray]:
+    """Each query's candidate scores as teacher logits (times the pointwise scale)."""
+    if isinstance(self.pointwise, RetrieverScorer):
+      scores = self.pointwise.score([queries[qid] for qid, _ in chunk], [pids for _, pids in chunk], on_batch)
+    else:
+      texts = [(queries[qid], collection[pid]) for qid, pids in chunk for pid in pids]
+      flat = self.pointwise.score(self.pointwise.teacher.encode(texts), on_batch)
+      scores = np.split(flat, np.cumsum([len(pids) for _, pids in chunk])[:-1])
+    return [(s * np.float32(self.scale)).astype(np.float32) for s in scores]
+
 
 def _score_chunk(chunk: Sequence[tuple[str, list[str]]], queries, collection, teachers: _Teachers,
-                 t: ml_collections.ConfigDict) -> list[formats.TrainingExample]:
+                 t: ml_collections.ConfigDict, on_batch: Callable[[int], object]) -> list[formats.TrainingExample]:
   """Training lines of one chunk of (qid, candidate pids)."""
-  point_texts = [(queries[qid], collection[pid]) for qid, pids in chunk for pid in pids]
-  point_scores = teachers.pointwise.score(teachers.pointwise.teacher.encode(point_texts))
-  lines, offset = [], 0
-  for qid, pids in chunk:
-    scores = point_scores[offset:offset + len(pids)]
-    offset += len(pids)
+  lines = []
+  for (qid, pids), scores in zip(chunk, teachers.pointwise_scores(chunk, queries, collection, on_batch)):
     order = np.argsort(-scores, kind="stable")[:t.nway]
     selected = pairs.select_pairs(qid, len(order), topk=t.topk, max_distance=t.max_distance,
                                   n_pairs=t.n_pairs, seed=t.seed) if t.pairwise.kind != "none" else []
@@ -184,7 +209,9 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
           devices: Sequence[jax.Device] | None = None) -> Scored:
   """Scores `config.teacher.run` into `config.teacher.output` (see the module docstring).
 
-  student(cfg) -> Encoder builds a retriever teacher; devices (default: all) carry the teacher mesh.
+  The texts come from `queries_path` and `collection_path` (TSV files or BEIR, read with data.split and
+  data.title_separator). student(cfg) -> Encoder builds a retriever teacher; devices (default: all) carry the
+  teacher mesh.
   """
   t = config.teacher
   check_teacher_config(t)
@@ -192,18 +219,22 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   run_path, out = evaluate.resolve_path(t.run, workdir), evaluate.resolve_path(t.output, workdir)
   if not run_path.exists():
     raise FileNotFoundError(f"teacher.run: {run_path} does not exist; mine it first (--mode=mine)")
+  queries_source = config_lib.data_source(config, queries_path, "queries")
+  collection_source = config_lib.data_source(config, collection_path, "docs")
   load.check_model_dirs(t)
   mesh = teacher_mesh(t, devices)
   pointwise = load.load(t.pointwise, "pointwise", student)
-  manifest = settings(t, run_path, queries_path, collection_path, pointwise.name, mesh.shape["tensor"])
+  manifest = settings(t, run_path, queries_source, collection_source, pointwise, mesh.shape["tensor"])
   recorded = formats.read_record(formats.sidecar(out)) or {}
   if distributed.agree(out.exists() and recorded.get("settings") == manifest):
     _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
     return Scored(out, -1, -1, 0.0, 0.0, 0.0, skipped=True)
-  queries, collection = formats.read_queries(queries_path), formats.read_collection(collection_path)
-  n_queries = _count_and_check(run_path, queries, collection, queries_path, collection_path)
+  queries, collection = queries_source.read(), collection_source.read()
+  n_queries, n_passages = _count_and_check(run_path, queries, collection, queries_path, collection_path, t.top_n)
   pairwise = None if t.pairwise.kind in ("none", "pointwise") else load.load(t.pairwise, "pairwise")
-  teachers = _Teachers(t, pointwise, pairwise, mesh, sharding.rules(config))
+  corpus_dirs = (mining.corpus_location(config, workdir, run_path), out.parent / TEACHER_CORPUS_DIR)
+  teachers = _Teachers(t, pointwise, pairwise, mesh, sharding.rules(config), collection=collection,
+                       corpus_dirs=corpus_dirs)
 
   chunk_dir = out.with_name(out.name + CHUNKS_SUFFIX)
   _prepare_chunks(chunk_dir, manifest)
@@ -212,21 +243,32 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   _log.info("Scoring %d queries of %s with %s and %s on mesh %s: %d chunks, %d already done", n_queries,
             run_path, pointwise.name, pairwise.name if pairwise else f"pairwise={t.pairwise.kind}",
             dict(mesh.shape), n_chunks, int(done.sum()))
-  bar = tqdm.tqdm(total=n_queries, unit="query", disable=jax.process_index() != 0, desc="score")
+  bar = tqdm.tqdm(total=n_passages, unit="passage", disable=jax.process_index() != 0, desc="score",
+                  dynamic_ncols=True)
   for index, chunk in enumerate(_chunks(run_path, t.top_n, t.chunk_queries)):
     if not done[index]:
-      examples = _score_chunk(chunk, queries, collection, teachers, t)
+      examples = _score_chunk(chunk, queries, collection, teachers, t, bar.update)
       if jax.process_index() == 0:
         formats.write_training_lines(_chunk_path(chunk_dir, index), examples)
       bar.set_postfix(_rates(teachers), refresh=False)
-    bar.update(len(chunk))
+    else:
+      bar.update(sum(len(pids) for _, pids in chunk))
   bar.close()
   num_pairs = _join_chunks(chunk_dir, n_chunks, out, manifest)
+  _remove_teacher_corpus(teachers, config)
   seconds = time.perf_counter() - start
   rates = _rates(teachers)
   _log.info("Scored %s: %d queries, %d pairs in %.1f s (%s)", out, n_queries, num_pairs, seconds,
             ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
   return Scored(out, n_queries, num_pairs, seconds, rates["passages/s"], rates.get("pairs/s", 0.0))
+
+
+def _remove_teacher_corpus(teachers: _Teachers, config: ml_collections.ConfigDict) -> None:
+  """A retriever teacher's collection vectors are deleted once the lines are written (also the mining run's,
+  which mining kept for this reuse), unless mine.keep_corpus."""
+  if isinstance(teachers.pointwise, RetrieverScorer) and not config.mine.keep_corpus and jax.process_index() == 0:
+    shutil.rmtree(teachers.pointwise.corpus_dir, ignore_errors=True)
+  distributed.barrier("teacher corpus removed")
 
 
 def _rates(teachers: _Teachers) -> dict[str, float]:

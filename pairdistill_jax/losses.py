@@ -111,6 +111,19 @@ def colbert_in_batch_ce(
   return jnp.mean(jax.nn.logsumexp(logits_BxGN, axis=-1) - positive_B)
 
 
+def dpr_in_batch_ce(scores_BxBN: jax.Array, passage_mask_BxN: jax.Array) -> jax.Array:
+  """DPR's contrastive loss: CE of each query against its own passage 0 (the teacher's top passage) among
+  every valid passage of the batch (its own others are hard negatives); mean over queries."""
+  b, n = passage_mask_BxN.shape
+  if scores_BxBN.shape != (b, b * n):
+    raise ValueError(f"dpr_in_batch_ce needs scores (B, B*N) = ({b}, {b * n}); got {scores_BxBN.shape}.")
+  mask_BxBN = jnp.broadcast_to(passage_mask_BxN.astype(bool).reshape(1, b * n), (b, b * n))
+  logits_BxBN = jnp.where(mask_BxBN, scores_BxBN.astype(jnp.float32), _EXCLUDED)
+  positive_BxBN = (jnp.arange(b * n)[None, :] == (jnp.arange(b) * n)[:, None])
+  positive_B = jnp.where(positive_BxBN, logits_BxBN, 0.0).sum(axis=1)  # a select, not a gather (see above)
+  return jnp.mean(jax.nn.logsumexp(logits_BxBN, axis=-1) - positive_B)
+
+
 def dpr_global_kl(
     student_BxBN: jax.Array, teacher_BxN: jax.Array, passage_mask_BxN: jax.Array) -> jax.Array:
   """DPR's KL over every passage of the global batch, 'batchmean'.
@@ -161,9 +174,10 @@ def _check_inputs(batch: Mapping[str, jax.Array], temperature: float) -> None:
 
 def colbert_loss(
     scores_BxN: jax.Array, ib_scores_BxGN: jax.Array | None, batch: Mapping[str, jax.Array], *,
-    temperature: float, pair_alpha: float, in_batch_group: int) -> tuple[jax.Array, dict]:
-  """ColBERT total: L_KD(s/τ) + pair_alpha·L_pair(s/τ) + L_IB(raw in-batch scores).
+    temperature: float, pair_alpha: float, in_batch_group: int, kd_weight: float = 1.0) -> tuple[jax.Array, dict]:
+  """ColBERT total: kd_weight·L_KD(s/τ) + pair_alpha·L_pair(s/τ) + L_IB(raw in-batch scores).
 
+  kd_weight 1 is the paper's; 0 (with pair_alpha 0) leaves the in-batch loss alone, a control.
   ib_scores_BxGN is None when in-batch negatives are off (L_IB = 0). Returns (loss, float32 metrics).
   """
   _check_inputs(batch, temperature)
@@ -176,7 +190,7 @@ def colbert_loss(
     loss_ib = jnp.zeros((), jnp.float32)
   else:
     loss_ib = colbert_in_batch_ce(ib_scores_BxGN, batch["passage_mask"], in_batch_group)
-  loss = loss_kd + pair_alpha * loss_pair + loss_ib
+  loss = kd_weight * loss_kd + pair_alpha * loss_pair + loss_ib
   metrics = {"loss": loss, "loss_kd": loss_kd, "loss_pair": loss_pair, "loss_ib": loss_ib}
   return loss, metrics | _ranking_metrics(scores_BxN, batch)
 
@@ -198,8 +212,9 @@ def _per_worker_pairwise_kl(
 
 def dpr_loss(
     scores_BxBN: jax.Array, batch: Mapping[str, jax.Array], *, temperature: float,
-    pair_alpha: float, workers: int = 0) -> tuple[jax.Array, dict]:
-  """DPR total: global KL(S/τ) + pair_alpha·L_pair on each query's own-block scores / τ.
+    pair_alpha: float, workers: int = 0, kd_weight: float = 1.0, in_batch: bool = False) -> tuple[jax.Array, dict]:
+  """DPR total: kd_weight·global KL(S/τ) + pair_alpha·L_pair on each query's own-block scores / τ
+  [+ dpr_in_batch_ce(S/τ) when in_batch]; the paper's is kd_weight 1 without in_batch.
 
   scores_BxBN[b, c*N + n] is query b against passage n of query c over the global batch.
   workers 0 or 1: the exact gradient of this loss. workers W >= 2: the gradient of the original dpr-scale
@@ -222,6 +237,9 @@ def dpr_loss(
   loss_kd = dpr_global_kl(scaled_BxBN, batch["teacher"], batch["passage_mask"])
   own_BxN = scaled_BxBN.reshape(b, b, n)[jnp.arange(b), jnp.arange(b)]
   loss_pair = _per_worker_pairwise_kl(own_BxN, batch, w)
-  loss = _scale_gradient(loss_kd, 1.0 / w) + pair_alpha * loss_pair
+  loss = kd_weight * _scale_gradient(loss_kd, 1.0 / w) + pair_alpha * loss_pair
   metrics = {"loss": loss, "loss_kd": loss_kd, "loss_pair": loss_pair}
+  if in_batch:
+    metrics["loss_ib"] = dpr_in_batch_ce(scaled_BxBN, batch["passage_mask"])
+    loss = metrics["loss"] = loss + metrics["loss_ib"]
   return loss, metrics | _ranking_metrics(own_BxN, batch)

@@ -4,7 +4,8 @@
   --mode=export       write the workdir's latest checkpoint as PyTorch directories (--export_dir, default
                       WORKDIR/export): stanford ColBERT + PyLate, or sentence-transformers + transformers DPR
   --mode=evaluate     evaluate the workdir's latest checkpoint, or --model_dir (a stanford ColBERT / HF /
-                      sentence-transformers directory, --pooling=cls|mean), on config.eval; writes
+                      sentence-transformers directory, --pooling=cls|mean), or with --init the student the
+                      config starts from (before training), on config.eval; writes
                       WORKDIR/eval/run.trec and metrics.json and prints the metrics table
   --mode=benchmark    time the train step (and encoding, scaling over devices, variants, the teachers'
                       throughput: config.benchmark) on synthetic batches; prints BENCHMARK {json} lines and
@@ -48,6 +49,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or J
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output directory (default WORKDIR/export).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "--mode=evaluate: evaluate this stanford ColBERT / HF / "
                                  "sentence-transformers directory instead of the workdir's checkpoint.")
+_INIT = flags.DEFINE_bool("init", False, "--mode=evaluate: evaluate the student the config starts from "
+                          "(init.checkpoint / init.pretrained, init.layers), i.e. before training.")
 _POOLING = flags.DEFINE_enum("pooling", None, ["cls", "mean"], "--mode=evaluate --model_dir: pooling of an HF "
                              "model (default: its sentence-transformers Pooling config).")
 
@@ -97,7 +100,10 @@ def main(argv: list[str]) -> int:
   if mode == "rounds":
     return run_rounds(config, _WORKDIR.value)
   from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
-  summary = loop.train(config, _WORKDIR.value)
+  try:
+    summary = loop.train(config, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    fail(f"invalid config: {e}")
   if jax.process_index() == 0:
     print(format_summary(summary))
     print("SUMMARY " + json.dumps(summary))
@@ -186,14 +192,20 @@ def run_evaluate(config, workdir: str) -> int:
     evaluate.check_eval_config(config.eval)
   except ValueError as e:
     fail(f"invalid config: {e}")
-  if _MODEL_DIR.value:
+  if _INIT.value:
     try:
-      result = evaluate.evaluate_model_dir(_MODEL_DIR.value, config.eval, workdir, pooling=_POOLING.value)
+      result = evaluate.evaluate_initial(config, workdir)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+      fail(f"--mode=evaluate --init: {e}")
+  elif _MODEL_DIR.value:
+    try:
+      result = evaluate.evaluate_model_dir(_MODEL_DIR.value, config.eval, workdir, pooling=_POOLING.value,
+                                           title_separator=config.data.title_separator)
     except (FileNotFoundError, ValueError) as e:
       fail(f"--mode=evaluate --model_dir={_MODEL_DIR.value}: {e}")
   else:
     trained = _load_trained(workdir, "evaluate", "; or evaluate a directory with --model_dir")
-    result = evaluate.evaluate_trained(trained, config.eval, workdir)
+    result = evaluate.evaluate_trained(trained, config.eval, workdir, title_separator=config.data.title_separator)
   if jax.process_index() == 0:
     print(result.table())
     print("METRICS " + json.dumps(result.metrics))

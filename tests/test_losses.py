@@ -638,3 +638,31 @@ def test_totals_reject_bad_temperature_and_missing_keys():
     losses.dpr_loss(np.zeros((3, 12), np.float32),
                     {k: v for k, v in batch.items() if k != "pair_logp"},
                     temperature=1.0, pair_alpha=1.0)
+
+
+def test_dpr_in_batch_ce_matches_torch_cross_entropy_over_the_batch():
+  """dpr-scale's contrastive loss: each query's positive (passage 0) against every valid passage of the batch."""
+  rng = np.random.default_rng(7)
+  b, n = 3, 4
+  scores = rng.normal(size=(b, b * n)).astype(np.float32) * 3
+  mask = np.ones((b, n), bool)
+  mask[1, 3] = mask[2, 2] = False
+  keep = mask.reshape(-1)
+  expected = torch.nn.functional.cross_entropy(torch.tensor(scores[:, keep], dtype=torch.float64),
+                                               torch.tensor([int(keep[:c * n].sum()) for c in range(b)]))
+  close(float(losses.dpr_in_batch_ce(jnp.asarray(scores), jnp.asarray(mask))), float(expected))
+
+
+def test_kd_weight_zero_leaves_the_contrastive_control():
+  rng = np.random.default_rng(3)
+  b, n = 4, 3
+  scores = jnp.asarray(rng.normal(size=(b, b * n)).astype(np.float32))
+  mask = np.ones((b, n), bool)
+  batch = make_batch(rng, rng.normal(size=(b, n)).astype(np.float32), mask, random_pairs(rng, b, n, [2] * b), 4)
+  loss, metrics = losses.dpr_loss(scores, batch, temperature=1.0, pair_alpha=0.0, kd_weight=0.0, in_batch=True)
+  close(float(loss), float(losses.dpr_in_batch_ce(scores, jnp.asarray(mask))))
+  assert float(metrics["loss_kd"]) > 0  # still reported
+  full, _ = losses.dpr_loss(scores, batch, temperature=1.0, pair_alpha=1.0)
+  kd_only, _ = losses.dpr_loss(scores, batch, temperature=1.0, pair_alpha=0.0)
+  half, _ = losses.dpr_loss(scores, batch, temperature=1.0, pair_alpha=1.0, kd_weight=0.5)
+  close(float(half), float(full) - 0.5 * float(kd_only))

@@ -55,6 +55,7 @@ def test_dpr_demo_runs_to_completion(tmp_path):
      "unknown config field 'nonexistent'"),
     (["--config=configs/colbert.py:demo", "--config.optim.lr=fast"], "--config.optim.lr=fast"),
     (["--config=configs/colbert.py:demo", "--config.train.batch_size=6"], "loss.in_batch_group=4 must divide"),
+    (["--config=configs/dpr.py:demo", "--config.loss.dpr_workers=3"], "loss.dpr_workers=3 must be >= 0"),
     (["--config=configs/colbert.py:demo,bogus=1"], "unknown config argument 'bogus'"),
     (["--config=configs/colbert.py:demo", "--config.mesh.data=3"], "mesh"),
     (["--config=configs/colbert.py:demo", "--config.data.prefetch=-1"], "data.prefetch must be >= 0"),

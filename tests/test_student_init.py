@@ -69,3 +69,13 @@ def test_shape_overrides_that_pretrained_weights_would_ignore_are_refused(minilm
   config.model.bert.num_hidden_layers = 6  # agrees with the weights: fine
   config.model.bert.hidden_size = 384
   students.import_student(config, vocab_size=30522)
+
+
+def test_pooling_that_disagrees_with_the_sentence_transformers_config_is_refused(minilm_dir, caplog):
+  config = _dpr_config(minilm_dir)
+  config.model.pooling = "cls"  # MiniLM's 1_Pooling/config.json says mean
+  with pytest.raises(ConfigError, match=r"model.pooling='cls' but .* pools with 'mean'.*model.pooling=mean"):
+    students.import_student(config, vocab_size=30522)
+  config.model.pooling = "mean"
+  students.import_student(config, vocab_size=30522)
+  assert "L2-normalises its vectors" in caplog.text  # its Normalize module: said, not silent

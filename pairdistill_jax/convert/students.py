@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,20 +103,20 @@ def _adapt(config: ml_collections.ConfigDict, source: str, bert_config: BertConf
            params: dict) -> tuple[BertConfig, dict]:
   """Applies init.layers and model.bert's dropout to the initial weights; refuses model.bert shape fields
   that the initial weights would silently override."""
+  base = config_lib.bert_base()
+  ignored = [f"model.bert.{f}={config.model.bert[f]} (the initial weights have {getattr(bert_config, f)})"
+             for f in _SHAPE_FIELDS
+             if config.model.bert[f] not in (0, base[f], getattr(bert_config, f))]  # 0: unset
+  if ignored:
+    raise config_lib.ConfigError(
+        f"{', '.join(ignored)}: the model's shape comes from {source}; drop these overrides (init.layers cuts "
+        f"layers), or start from a random init of that shape with --config.init.pretrained=''")
   indices = layer_indices(config.init.layers, bert_config.num_hidden_layers)
   if len(indices) < bert_config.num_hidden_layers:
     logging.info("Keeping layers %s of the %d of %s", indices, bert_config.num_hidden_layers, source)
     params = {name: _cut_bert(tree, indices) if "encoder" in tree else tree for name, tree in params.items()}
   bert_config = dataclasses.replace(bert_config, num_hidden_layers=len(indices),
                                     **{f: config.model.bert[f] for f in _DROPOUT_FIELDS})
-  base = config_lib.bert_base()
-  ignored = [f"model.bert.{f}={config.model.bert[f]} (the initial weights have {getattr(bert_config, f)})"
-             for f in _SHAPE_FIELDS
-             if config.model.bert[f] not in (base[f], getattr(bert_config, f))]
-  if ignored:
-    raise config_lib.ConfigError(
-        f"{', '.join(ignored)}: the model's shape comes from {source}; drop these overrides (init.layers cuts "
-        f"layers), or start from a random init of that shape with --config.init.pretrained=''")
   return bert_config, params
 
 
@@ -151,9 +152,23 @@ def _import_weights(config: ml_collections.ConfigDict, directory: str) -> tuple[
     logging.info("Initialised ColBERT %s from %s", " and ".join(params), directory)
     return bert_config, params
   _warn_unused(directory, extra)
+  _check_pooling(config.model, directory)
   towers = ("encoder",) if config.model.shared_towers else ("query_encoder", "passage_encoder")
   logging.info("Initialised DPR towers %s from %s", towers, directory)
   return bert_config, {tower: bert for tower in towers}
+
+
+def _check_pooling(model_config: ml_collections.ConfigDict, directory: str) -> None:
+  """A sentence-transformers directory says how it pools: a DPR student that pools otherwise is refused (its
+  vectors would not be the model's); a Normalize module the student lacks (model.normalize) is a warning."""
+  layout = hf_io.read_st_layout(pathlib.Path(directory))
+  if layout.pooling not in (None, model_config.pooling):
+    raise config_lib.ConfigError(
+        f"model.pooling={model_config.pooling!r} but {directory} pools with {layout.pooling!r} "
+        f"(its sentence-transformers Pooling config): set --config.model.pooling={layout.pooling}")
+  if layout.normalize and not model_config.normalize:
+    logging.warning("%s L2-normalises its vectors; the DPR student scores unnormalised dot products (set "
+                    "--config.model.normalize=True for its cosine)", directory)
 
 
 def _warn_unused(directory: str, extra: dict) -> None:

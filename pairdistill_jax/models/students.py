@@ -64,11 +64,13 @@ def pool(hidden_BxLxH: jax.Array, mask_BxL: jax.Array, pooling: str) -> jax.Arra
 
 
 class DPR(nn.Module):
-  """Query and passage BERT towers (or one shared tower) pooled to one vector each; dot product."""
+  """Query and passage BERT towers (or one shared tower) pooled to one vector each (L2-normalised when
+  `normalize`, as sentence-transformers bi-encoders with a Normalize module: the dot product is the cosine)."""
 
   bert_config: BertConfig
   pooling: str = "cls"
   shared_towers: bool = False
+  normalize: bool = False
   dtype: Any = jnp.float32
   remat: str | bool = "none"
   attention: str = "einsum"
@@ -86,7 +88,8 @@ class DPR(nn.Module):
 
   def _encode(self, which, ids_BxL, mask_BxL, deterministic):
     hidden_BxLxH, _ = self._tower(which)(ids_BxL, mask_BxL, deterministic=deterministic)
-    return pool(hidden_BxLxH, mask_BxL, self.pooling)
+    pooled_BxH = pool(hidden_BxLxH, mask_BxL, self.pooling)
+    return l2_normalize(pooled_BxH) if self.normalize else pooled_BxH
 
   def encode_query(self, ids_BxL, mask_BxL, *, deterministic: bool = True) -> jax.Array:
     return self._encode("query", ids_BxL, mask_BxL, deterministic)
@@ -107,4 +110,4 @@ def make_student(model_config, bert_config: BertConfig) -> nn.Module:
   if model_config.kind == "colbert":
     return ColBERT(bert_config, dim=model_config.dim, dtype=dtype, **kernels)
   return DPR(bert_config, pooling=model_config.pooling, shared_towers=model_config.shared_towers,
-             dtype=dtype, **kernels)
+             normalize=model_config.get("normalize", False), dtype=dtype, **kernels)

@@ -23,7 +23,7 @@ import tqdm
 
 from pairdistill_jax import checkpoint, distributed, sharding
 from pairdistill_jax.convert.students import import_student, init_source, tokenizer_dir
-from pairdistill_jax.data import demo, pipeline
+from pairdistill_jax.data import demo, formats, pipeline
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
@@ -121,6 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     raise ValueError(f"model.doc_maxlen/query_maxlen exceed the model's {bert_config.max_position_embeddings} "
                      f"positions")
   model = make_student(config.model, bert_config)
+  logging.info("Run: %s", run_settings(config, bert_config, mesh))
   if evaluate is None and config.train.eval_every and config.eval.collection:
     from pairdistill_jax.retrieval.evaluate import evaluate_params  # noqa: PLC0415 (faiss only when used)
 
@@ -150,6 +151,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         batches.close()
   finally:
     checkpointer.close()
+
+
+def run_settings(config: ml_collections.ConfigDict, bert_config, mesh) -> str:
+  """The effective settings of a run in one line: what it starts from, the student, its inputs, the mesh."""
+  m, field, directory = config.model, *init_source(config)
+  start = f"init.{field}={directory}" if field else "a random init"
+  if config.init.layers:
+    start += f" (layers {config.init.layers})"
+  student = f"{m.kind} {bert_config.num_hidden_layers}x{bert_config.hidden_size}"
+  student += f", dim {m.dim}" if m.kind == "colbert" else f", {m.pooling} pooling, shared towers {m.shared_towers}"
+  return (f"{student} from {start}; query/doc maxlen {m.query_maxlen}/{m.doc_maxlen}, dtype {m.dtype}, "
+          f"dropout {bert_config.hidden_dropout_prob}/{bert_config.attention_probs_dropout_prob}, title separator "
+          f"{formats.title_separator(config.data.title_separator, m.kind)!r}; batch {config.train.batch_size} x "
+          f"nway {config.data.nway} (grad_accum {config.train.grad_accum}), {config.train.steps} steps, "
+          f"lr {config.optim.lr}; mesh {dict(mesh.shape)}")
 
 
 def _initial_state(config, workdir, checkpointer, state, shardings, pretrained):
@@ -206,7 +222,13 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
     for step in range(int(state.step), t.steps):
       host = next(batches)
       tokens = int(host["q_mask"].sum() + host["d_mask"].sum()) * jax.process_count()
+      first = pending is None
+      if first:
+        logging.info("Compiling the train step...")
+        compile_start = time.perf_counter()
       state, metrics = step_fn(state, sharding.shard_batch(host, batch_sh), rng)
+      if first:
+        logging.info("Compiled the train step in %.1f s", time.perf_counter() - compile_start)
       if pending:
         consume(*pending)
       pending = (step, metrics, tokens)

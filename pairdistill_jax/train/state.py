@@ -48,10 +48,16 @@ def init_inputs(config: ml_collections.ConfigDict) -> tuple[np.ndarray, ...]:
   return q, q, d, d
 
 
+def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array, *, boxed: bool = False):
+  """Fresh parameters (`nn.LogicallyPartitioned` boxes carrying axis names when `boxed`)."""
+  params = model.init({"params": rng, "dropout": rng}, *init_inputs(config))["params"]
+  return params if boxed else nn.meta.unbox(params)
+
+
 def init_boxed(model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                rng: jax.Array) -> TrainState:
   """A fresh train state whose parameters are `nn.LogicallyPartitioned` boxes (they carry axis names)."""
-  params = model.init({"params": rng, "dropout": rng}, *init_inputs(config))["params"]
+  params = init_params(model, config, rng, boxed=True)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

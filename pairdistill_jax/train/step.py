@@ -60,11 +60,12 @@ def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params, ba
     scores_BxN = scoring.own_block(scores_BxGN, nway, group)
     return losses.colbert_loss(scores_BxN, scores_BxGN if loss_cfg.in_batch else None, batch,
                                temperature=loss_cfg.temperature, pair_alpha=loss_cfg.pair_alpha,
-                               in_batch_group=group)
+                               in_batch_group=group, kd_weight=loss_cfg.kd_weight)
   d_BxNxD = d.reshape(batch_size, nway, -1)
   scores_BxBN = scoring.grouped_scores(scoring.dot, q, d_BxNxD, group_size=batch_size)
   return losses.dpr_loss(scores_BxBN, batch, temperature=loss_cfg.temperature,
-                         pair_alpha=loss_cfg.pair_alpha, workers=loss_cfg.dpr_workers)
+                         pair_alpha=loss_cfg.pair_alpha, workers=loss_cfg.dpr_workers,
+                         kd_weight=loss_cfg.kd_weight, in_batch=loss_cfg.in_batch)
 
 
 def split_micro_batches(batch: Batch, k: int) -> Batch:

@@ -80,14 +80,14 @@ def layer_indices(spec: str, num_layers: int) -> list[int]:
   try:
     values = [int(v) for v in spec.split(",")]
   except ValueError:
-    raise ValueError(f"init.layers={spec!r}: expected a layer count or comma-separated layer indices") from None
+    raise config_lib.ConfigError(f"init.layers={spec!r}: expected a layer count or comma-separated layer indices") from None
   if "," not in spec:
     count = values[0]
     if not 1 <= count <= num_layers:
-      raise ValueError(f"init.layers={spec!r}: the initial model has {num_layers} layers; keep 1 to {num_layers}")
+      raise config_lib.ConfigError(f"init.layers={spec!r}: the initial model has {num_layers} layers; keep 1 to {num_layers}")
     return sorted({int(round(x)) for x in np.linspace(0, num_layers - 1, count)}) if count > 1 else [0]
   if any(v < 0 or v >= num_layers for v in values) or values != sorted(set(values)):
-    raise ValueError(f"init.layers={spec!r}: indices must be increasing and within the initial model's "
+    raise config_lib.ConfigError(f"init.layers={spec!r}: indices must be increasing and within the initial model's "
                      f"{num_layers} layers (0..{num_layers - 1})")
   return values
 

@@ -7,9 +7,9 @@ A batch of B queries, each with `nway` passage slots and `max_pairs` pair slots,
   pair_i, pair_j, pair_logp, pair_mask [B, max_pairs] int32, int32, float32, bool
 A line's passages beyond `nway` are dropped, and so are the pairs that reference them; a line with fewer
 passages has `passage_mask` False in the remaining slots, which hold the encoding of the empty text; a line
-with more than `max_pairs` remaining pairs is refused (never silently cut). `pack_targets` computes the teacher arrays and
-`assemble_batch` joins them with tokenised queries and passages; `make_batch` tokenises text on the fly,
-while `data.pipeline` fills the same layout from the pre-tokenised store.
+with more than `max_pairs` remaining pairs is refused (never silently cut). `pack_targets` computes the
+teacher arrays and `assemble_batch` joins them with tokenised queries and passages; `make_batch` tokenises
+text on the fly, while `data.pipeline` fills the same layout from the pre-tokenised store.
 """
 
 from __future__ import annotations

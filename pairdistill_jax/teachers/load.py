@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from pairdistill_jax.convert import hf_io, t5_table
 from pairdistill_jax.data.tokenization import load_tokenizer

@@ -160,7 +160,8 @@ def run_settings(config: ml_collections.ConfigDict, bert_config, mesh) -> str:
   if config.init.layers:
     start += f" (layers {config.init.layers})"
   student = f"{m.kind} {bert_config.num_hidden_layers}x{bert_config.hidden_size}"
-  student += f", dim {m.dim}" if m.kind == "colbert" else f", {m.pooling} pooling, shared towers {m.shared_towers}"
+  student += (f", dim {m.dim}" if m.kind == "colbert" else
+              f", {m.pooling} pooling{', normalised' if m.normalize else ''}, shared towers {m.shared_towers}")
   return (f"{student} from {start}; query/doc maxlen {m.query_maxlen}/{m.doc_maxlen}, dtype {m.dtype}, "
           f"dropout {bert_config.hidden_dropout_prob}/{bert_config.attention_probs_dropout_prob}, title separator "
           f"{formats.title_separator(config.data.title_separator, m.kind)!r}; batch {config.train.batch_size} x "

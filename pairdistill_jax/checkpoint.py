@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state, and the description of the trained model beside them.
 
 WORKDIR/checkpoints/<step>/   the train state (Orbax; asynchronous, atomic: a step directory appears only
-                              once it is complete)
+                              once it is complete); one that fails to restore is moved aside to
+                              <step>.corrupt-<time>/ (kept, never deleted, and out of the way of a rerun)
 WORKDIR/model/                config.json (the run's config), bert_config.json, tokenizer/ (a copy), so
                               export and evaluation need nothing but the workdir
 """
@@ -14,6 +15,7 @@ import json
 import logging
 import pathlib
 import shutil
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
+from pairdistill_jax import distributed
 from pairdistill_jax.models.bert import BertConfig
 
 MODEL_DIR = "model"
@@ -71,16 +74,28 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     return restored.state, restored.data["iterator"]
 
-  def restore_latest(self, like: Any, shardings: Any) -> tuple[int, Any, Any] | None:
+  def restore_latest(self, like: Any, shardings: Any, *, move_aside: bool = True) -> tuple[int, Any, Any] | None:
     """(step, state, data state) of the newest checkpoint that restores; a corrupted one is skipped with a
-    warning and the one before it is tried. None when there is none."""
+    warning (and, with `move_aside`, renamed to <step>.corrupt-<time>, so that training can save that step
+    again) and the one before it is tried. None when there is none."""
     for step in reversed(self.all_steps()):
       try:
         return (step, *self.restore(step, like, shardings))
       except Exception as e:  # noqa: BLE001 (any failure to read means: not usable)
         logging.warning("Checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
                         self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+        if move_aside:
+          self._move_aside(step)
     return None
+
+  def _move_aside(self, step: int) -> None:
+    """Renames checkpoints/<step> to <step>.corrupt-<time> (process 0; kept for inspection)."""
+    if jax.process_index() == 0:
+      target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+      (self.directory / str(step)).rename(target)
+      logging.warning("Moved the unreadable checkpoint aside to %s", target)
+    distributed.barrier(f"checkpoint {step} moved aside")
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -125,15 +140,21 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
   config = ml_collections.ConfigDict(json.loads((info / "config.json").read_text()))
   bert_config = BertConfig(**json.loads((info / "bert_config.json").read_text()))
   checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/{CHECKPOINT_DIR} holds no checkpoint")
   model = make_student(config.model, bert_config)
   tx = state_lib.optimizer(config)
   init = functools.partial(state_lib.init_boxed, model, tx, config)
   like = nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  state, _ = checkpointer.restore(step, like, jax.tree.map(lambda _: device, like))
-  checkpointer.close()
+  shardings = jax.tree.map(lambda _: device, like)
+  try:
+    if step is None:  # the newest that restores (a corrupted one is skipped with a warning, left in place)
+      restored = checkpointer.restore_latest(like, shardings, move_aside=False)
+      if restored is None:
+        raise FileNotFoundError(f"{workdir}/{CHECKPOINT_DIR} holds no checkpoint that restores")
+      step, state, _ = restored
+    else:
+      state, _ = checkpointer.restore(step, like, shardings)
+  finally:
+    checkpointer.close()
   return TrainedModel(config, bert_config, jax.tree.map(np.asarray, state.params), str(info / "tokenizer"),
                       step)

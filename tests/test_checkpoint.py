@@ -66,9 +66,41 @@ def test_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
   checkpointer = checkpoint.Checkpointer(tmp_path, every=1, keep=5)
   with caplog.at_level(logging.WARNING):
     step, state, _ = checkpointer.restore_latest(trainer.state, trainer.shardings)
-  checkpointer.close()
   assert step == 1 and int(state.step) == 0
   assert "checkpoints/2 cannot be restored" in caplog.text
+  # Moved aside, not deleted and not in the way: the run can save step 2 again (it used to raise
+  # StepAlreadyExistsError on every rerun, so the run could never finish).
+  assert checkpointer.all_steps() == [1]
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints").glob("2.corrupt-*")] == ["2.corrupt"]
+  checkpointer.save(2, trainer.state)
+  checkpointer.close()
+  assert checkpoint.Checkpointer(tmp_path, every=1, keep=5).all_steps() == [1, 2]
+
+
+def test_export_and_evaluate_load_the_newest_checkpoint_that_restores(tmp_path, caplog):
+  """load_trained (export, evaluate, mining) falls back past a corrupted newest checkpoint, saying so."""
+  config = tiny_config(data=8)
+  trainer = Trainer(config)
+  bert_config = BertConfig(**config.model.bert)
+  tokenizer_dir = tmp_path / "tok"
+  tokenizer_dir.mkdir()
+  checkpoint.save_model_info(tmp_path, config, bert_config, str(tokenizer_dir))
+  checkpointer = checkpoint.Checkpointer(tmp_path, every=1, keep=5)
+  checkpointer.save(1, trainer.state)
+  checkpointer.wait_until_finished()
+  expected = jax.device_get(trainer.state.params)
+  trainer.step(random_batch(0))
+  checkpointer.save(2, trainer.state)
+  checkpointer.close()
+  for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  with caplog.at_level(logging.WARNING):
+    trained = checkpoint.load_trained(tmp_path)
+  assert trained.step == 1 and "checkpoints/2 cannot be restored" in caplog.text
+  for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  assert (tmp_path / "checkpoints" / "2").exists()  # reading modes leave the workdir as it is
 
 
 def test_partial_checkpoint_directory_is_never_picked_up(tmp_path):

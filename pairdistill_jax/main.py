@@ -35,6 +35,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from pairdistill_jax import config_lib, distributed
+from pairdistill_jax.data.formats import FormatError
 
 MODES = ("train", "evaluate", "export", "mine", "score", "rounds", "benchmark")
 
@@ -84,6 +85,17 @@ def main(argv: list[str]) -> int:
   if not _WORKDIR.value:
     fail("--workdir is required")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    return run_mode(config, mode)
+  except config_lib.ConfigError as e:
+    fail(f"invalid config: {e}")
+  except (FormatError, OSError) as e:  # bad data, missing files or directories, unreadable workdir
+    fail(f"--mode={mode}: {e}")
+
+
+def run_mode(config, mode: str) -> int:
+  """Runs `mode`; errors in what the user gave (config, data, paths) propagate to `main`, which says them in
+  one line."""
   if mode == "export":
     return run_export(_WORKDIR.value)
   if mode == "evaluate":
@@ -100,10 +112,7 @@ def main(argv: list[str]) -> int:
   if mode == "rounds":
     return run_rounds(config, _WORKDIR.value)
   from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
-  try:
-    summary = loop.train(config, _WORKDIR.value)
-  except config_lib.ConfigError as e:
-    fail(f"invalid config: {e}")
+  summary = loop.train(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print(format_summary(summary))
     print("SUMMARY " + json.dumps(summary))

@@ -71,3 +71,47 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
   assert result.returncode == 2
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+  """A tiny TSV collection, queries and training lines, and a file-less directory."""
+  root = tmp_path_factory.mktemp("data")
+  (root / "collection.tsv").write_text("1\tproteins fold\n2\twater boils\n")
+  (root / "queries.tsv").write_text("q1\twhat folds\n")
+  (root / "train.jsonl").write_text('["q1", ["1", 1.0], ["2", 0.5]]\n["q1", ["1", "high"]]\n')
+  (root / "empty").mkdir()
+  return root
+
+
+def _train_args(root, **fields):
+  data = dict(train=root / "train.jsonl", collection=root / "collection.tsv", queries=root / "queries.tsv")
+  data.update(fields)
+  return ["--config=configs/colbert.py:demo,batch_size=1,nway=2", "--config.data.demo=False", "--config.mesh.data=1",
+          "--config.loss.in_batch_group=1",
+          *(f"--config.data.{k}={v}" for k, v in data.items())]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("bad_line", "train.jsonl:2: "),  # a FormatError naming file and line
+    ("train_is_a_directory", "empty"),  # IsADirectoryError
+    ("non_model_directory", "empty"),  # init.pretrained holds no weights
+    ("missing_tokenizer", "missing"),
+])
+def test_data_and_path_errors_in_train_mode_are_one_line(tmp_path, real_data, case, message):
+  """Train mode used to print a traceback for every one of these (only mine/score/rounds caught them)."""
+  args = {
+      "bad_line": _train_args(real_data) + [f"--config.init.tokenizer={real_data / 'tok'}"],
+      "train_is_a_directory": _train_args(real_data, train=real_data / "empty") + [
+          f"--config.init.tokenizer={real_data / 'tok'}"],
+      "non_model_directory": _train_args(real_data) + [f"--config.init.pretrained={real_data / 'empty'}"],
+      "missing_tokenizer": _train_args(real_data) + [f"--config.init.tokenizer={real_data / 'missing'}"],
+  }[case]
+  from pairdistill_jax.data import demo  # noqa: PLC0415
+
+  demo.write_tokenizer(real_data / "tok", ["proteins", "fold", "water", "boils", "what", "folds"])
+  result = run_main(*args, workdir=tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, last

@@ -52,17 +52,24 @@ def test_restore_onto_a_different_mesh_gives_the_same_next_step(tmp_path):
   np.testing.assert_allclose(restorer.step(random_batch(2)), expected_loss, rtol=2e-5)
 
 
-def test_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
-  trainer = Trainer(tiny_config(data=8))
-  checkpointer = checkpoint.Checkpointer(tmp_path, every=1, keep=5)
+def save_two_steps_the_newest_corrupted(workdir, trainer):
+  """Checkpoints 1 and 2 (after one more step), every file of 2's state overwritten; step 1's params."""
+  checkpointer = checkpoint.Checkpointer(workdir, every=1, keep=5)
   checkpointer.save(1, trainer.state)
   checkpointer.wait_until_finished()
+  first_params = jax.device_get(trainer.state.params)
   trainer.step(random_batch(0))
   checkpointer.save(2, trainer.state)
   checkpointer.close()
-  for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+  for path in (workdir / "checkpoints" / "2" / "state").rglob("*"):
     if path.is_file():
       path.write_bytes(b"garbage")
+  return first_params
+
+
+def test_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
+  trainer = Trainer(tiny_config(data=8))
+  save_two_steps_the_newest_corrupted(tmp_path, trainer)
   checkpointer = checkpoint.Checkpointer(tmp_path, every=1, keep=5)
   with caplog.at_level(logging.WARNING):
     step, state, _ = checkpointer.restore_latest(trainer.state, trainer.shardings)
@@ -85,16 +92,7 @@ def test_export_and_evaluate_load_the_newest_checkpoint_that_restores(tmp_path, 
   tokenizer_dir = tmp_path / "tok"
   tokenizer_dir.mkdir()
   checkpoint.save_model_info(tmp_path, config, bert_config, str(tokenizer_dir))
-  checkpointer = checkpoint.Checkpointer(tmp_path, every=1, keep=5)
-  checkpointer.save(1, trainer.state)
-  checkpointer.wait_until_finished()
-  expected = jax.device_get(trainer.state.params)
-  trainer.step(random_batch(0))
-  checkpointer.save(2, trainer.state)
-  checkpointer.close()
-  for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
-    if path.is_file():
-      path.write_bytes(b"garbage")
+  expected = save_two_steps_the_newest_corrupted(tmp_path, trainer)
   with caplog.at_level(logging.WARNING):
     trained = checkpoint.load_trained(tmp_path)
   assert trained.step == 1 and "checkpoints/2 cannot be restored" in caplog.text

@@ -59,6 +59,10 @@ class DenseStore:
     """`n` distinct documents' vectors (all of them when n >= num_docs), float32."""
     return _sample_rows(self.chunks, n, seed)
 
+  def gather(self, doc_ids_C: np.ndarray) -> np.ndarray:
+    """The documents' vectors [C, dim], float32, in the order given."""
+    return _gather_rows(self.chunks, np.asarray(doc_ids_C, np.int64))
+
 
 @dataclasses.dataclass
 class TokenStore:
@@ -130,14 +134,22 @@ class TokenStore:
 Store = DenseStore | TokenStore
 
 
-def _sample_rows(chunks: Sequence[np.ndarray], n: int, seed: int) -> np.ndarray:
+def _gather_rows(chunks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+  """Rows `rows` (indices into the chunks laid end to end, any order) as one float32 array."""
   sizes = np.array([c.shape[0] for c in chunks])
-  total = int(sizes.sum())
-  rows = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
-  chunk_of = np.searchsorted(np.cumsum(sizes), rows, side="right")
-  starts = np.cumsum(sizes) - sizes
-  return np.concatenate([np.asarray(chunks[c][rows[chunk_of == c] - starts[c]], np.float32)
-                         for c in np.unique(chunk_of)])
+  ends = np.cumsum(sizes)
+  chunk_of = np.searchsorted(ends, rows, side="right")
+  starts = ends - sizes
+  out = np.empty((len(rows), chunks[0].shape[1]), np.float32)
+  for c in np.unique(chunk_of):
+    at = chunk_of == c
+    out[at] = chunks[c][rows[at] - starts[c]]
+  return out
+
+
+def _sample_rows(chunks: Sequence[np.ndarray], n: int, seed: int) -> np.ndarray:
+  total = sum(c.shape[0] for c in chunks)
+  return _gather_rows(chunks, np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False)))
 
 
 def corpus_hash(texts: Sequence[str]) -> str:

@@ -64,8 +64,6 @@ class RetrieverScorer:
       self.corpus_dir = own_dir
       settings = dict(chunk_size=16_384, vector_dtype="float32")
     self.store = corpus.encode_corpus(encoder, texts, self.corpus_dir, batch_size=batch_size, **settings)
-    if encoder.kind == "dpr":
-      self._chunk_starts = np.cumsum([0] + [len(c) for c in self.store.chunks[:-1]])
     self.items_scored, self.seconds = 0, 0.0
 
   def score(self, query_texts: Sequence[str], candidates: Sequence[Sequence[str]],
@@ -84,8 +82,7 @@ class RetrieverScorer:
     return scores
 
   def _dense(self, q_D: np.ndarray, rows_N: np.ndarray) -> np.ndarray:
-    chunk_N = np.searchsorted(self._chunk_starts, rows_N, side="right") - 1
-    d_NxD = np.stack([self.store.chunks[c][r - self._chunk_starts[c]] for c, r in zip(chunk_N, rows_N)])
+    d_NxD = self.store.gather(rows_N)
     return (d_NxD.astype(np.float64) @ q_D.astype(np.float64)).astype(np.float32)
 
   def _maxsim(self, q_QxLxD: np.ndarray, rows: Sequence[np.ndarray],

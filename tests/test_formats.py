@@ -244,16 +244,20 @@ def test_collection_round_trip(tmp_path, suffix):
 
 
 def test_collection_titles_and_line_endings(tmp_path):
-  path = _write_bytes(tmp_path / "collection.tsv", b"1\ttext one\tTitle\r\n2\ttext two\t\n3\ttext\rthree\n")
+  path = _write_bytes(tmp_path / "collection.tsv",
+                      b"id\ttext\ttitle\n1\ttext one\tTitle\r\n2\ttext two\t\n3\ttext\rthree\n")
   assert formats.read_collection(path) == {"1": "Title | text one", "2": "text two", "3": "text\rthree"}
 
 
-@pytest.mark.parametrize("header", [b"id\ttext\n", b"\nid\ttext\ttitle\n"])
-def test_collection_header_row(tmp_path, header):
-  path = _write_bytes(tmp_path / "collection.tsv", header + b"0\tfirst\n1\tsecond\tT\n")
-  assert formats.read_collection(path) == {"0": "first", "1": "T | second"}
+@pytest.mark.parametrize("header, second_line, second_text", [
+    (b"id\ttext\n", b"1\tsecond\n", "second"),
+    (b"\nid\ttext\ttitle\n", b"1\tsecond\tT\n", "T | second"),
+])
+def test_collection_header_row(tmp_path, header, second_line, second_text):
+  path = _write_bytes(tmp_path / "collection.tsv", header + b"0\tfirst\n" + second_line)
+  assert formats.read_collection(path) == {"0": "first", "1": second_text}
   assert list(formats.iter_collection(path)) == [(header.count(b"\n") + 1, "0", "first"),
-                                                 (header.count(b"\n") + 2, "1", "T | second")]
+                                                 (header.count(b"\n") + 2, "1", second_text)]
 
 
 def test_collection_of_only_a_header(tmp_path):
@@ -273,14 +277,14 @@ def test_streamed_collection_and_queries(tmp_path):
   rows = list(formats.iter_collection(collection, skip_bad_lines=True, on_skip=skipped.append))
   assert rows == [(1, "5", "five"), (3, "5", "again"), (5, "7", "seven")]  # duplicates are the caller's
   assert [e.line for e in skipped] == [4]
-  _expect_error(collection, 4, "found 1", lambda p: list(formats.iter_collection(p)))
+  _expect_error(collection, 4, "the line has 1 tab-separated field;", lambda p: list(formats.iter_collection(p)))
   queries = _write_bytes(tmp_path / "queries.tsv", b"q1\twhat\nq2\twhy\n")
   assert list(formats.iter_queries(queries)) == [(1, "q1", "what"), (2, "q2", "why")]
 
 
 @pytest.mark.parametrize("content, line, reason", [
-    (b"1\ta\n2\n", 2, "expected 2 or 3 tab-separated columns (pid, text[, title]), found 1"),
-    (b"1\ta\n2\tb\tc\td\n", 2, "found 4"),
+    (b"1\ta\n2\n", 2, "the line has 1 tab-separated field; a collection line is id<TAB>text"),
+    (b"1\ta\n2\tb\tc\td\n", 2, "the line has 4 tab-separated fields"),
     (b"1\ta\n2\tb\n1\tc\n", 3, "duplicate pid '1'"),
     (b"\ta\n", 1, "empty pid"),
     (b"", 1, "file is empty"),
@@ -513,8 +517,9 @@ def test_beir_directory_queries_are_those_of_the_split(tmp_path):
 @pytest.mark.parametrize("make, field, message", [
     (lambda root: root / "missing.tsv", "docs", "missing.tsv does not exist; expected a collection .tsv file"),
     (lambda root: _write_bytes(root / "collection.csv", b"1,a\n"), "docs",
-     "collection.csv: unknown collection format; expected a collection .tsv file (pid, text[, title] "
-     "tab-separated), a BEIR corpus.jsonl file, or a BEIR directory holding corpus.jsonl"),
+     "collection.csv: unknown collection format; expected a collection .tsv file (pid, text tab-separated; "
+     "titles as a third column after the header line id, text, title), a BEIR corpus.jsonl file, or a BEIR "
+     "directory holding corpus.jsonl"),
     (lambda root: _write_bytes(root / "queries.txt", b"1\ta\n"), "queries",
      "queries.txt: unknown queries format; expected a queries .tsv file"),
     (lambda root: root, "docs", ": a directory without corpus.jsonl; expected a collection .tsv file"),
@@ -535,7 +540,7 @@ def test_title_separator_per_student_kind(tmp_path):
   assert formats.title_separator(" - ", "dpr") == " - "
   with pytest.raises(ValueError, match="no default title separator for model kind 'splade'"):
     formats.title_separator("auto", "splade")
-  tsv = _write_bytes(tmp_path / "collection.tsv", b"1\ttext one\tTitle\n2\ttext two\n")
+  tsv = _write_bytes(tmp_path / "collection.tsv", b"id\ttext\ttitle\n1\ttext one\tTitle\n2\ttext two\n")
   beir = _beir_dir(tmp_path / "beir")
   for separator, tsv_text, beir_text in ((" | ", "Title | text one", "Cats | They purr."),
                                          (" ", "Title text one", "Cats They purr.")):
@@ -572,3 +577,115 @@ def test_iter_run_streams_query_blocks_and_names_a_split_query(tmp_path):
   path.write_text("q1 Q0 d1 1 2.5 t\nq1 Q0 d1 2 1.0 t\n")
   with pytest.raises(formats.FormatError, match=r"run.trec:2: duplicate document 'd1'"):
     list(formats.iter_run(path))
+
+
+# ------------------------------------------------------------------------------ reliability of inputs
+
+LONG_ID = "x" * 5000
+
+
+@pytest.mark.parametrize("content, line, reason", [
+    (f'[1, [2, 0.5]]\n["{LONG_ID}", [2, 0.5]]\n', 2, "qid is 5,000 characters long, longer than the limit of 1024"),
+    (f'[1, [2, 0.5]]\n[1, ["{LONG_ID}", 0.5]]\n', 2, "pid of entry 0 is 5,000 characters long"),
+    (f'[1, 2]\n[1, 3, "{LONG_ID}"]\n', 2, "pid 1 is 5,000 characters long"),
+])
+def test_over_long_training_id(tmp_path, content, line, reason):
+  path = _write_bytes(tmp_path / "train.jsonl", content.encode())
+  _expect_error(path, line, reason, lambda p: list(formats.read_training_lines(p)))
+  skipped = []
+  assert len(list(formats.read_training_lines(path, skip_bad_lines=True, on_skip=skipped.append))) == 1
+  assert [e.line for e in skipped] == [line]
+
+
+@pytest.mark.parametrize("name, content, read, reason", [
+    ("collection.tsv", f"1\ta\n{LONG_ID}\tb\n", formats.read_collection, "pid is 5,000 characters long"),
+    ("queries.tsv", f"1\ta\n{LONG_ID}\tb\n", formats.read_queries, "qid is 5,000 characters long"),
+    ("corpus.jsonl", f'{{"_id": "1", "text": "a"}}\n{{"_id": "{LONG_ID}", "text": "b"}}\n', formats.read_beir_corpus,
+     "_id is 5,000 characters long"),
+    ("qrels.tsv", f"1 0 d 1\n1 0 {LONG_ID} 1\n", formats.read_qrels, "document id is 5,000 characters long"),
+    ("qrels.tsv", f"query-id\tcorpus-id\tscore\n{LONG_ID}\td\t1\n", formats.read_qrels,
+     "query id is 5,000 characters long"),
+    ("run.trec", f"q Q0 d 1 0.5 t\n{LONG_ID} Q0 d 1 0.5 t\n", formats.read_run, "query id is 5,000 characters"),
+    ("run.trec", f"q Q0 d 1 0.5 t\nq Q0 {LONG_ID} 2 0.5 t\n", formats.read_run, "document id is 5,000 characters"),
+])
+def test_over_long_id_in_every_reader(tmp_path, name, content, read, reason):
+  path = _write_bytes(tmp_path / name, content.encode())
+  _expect_error(path, 2, reason, read)
+
+
+def test_id_of_the_limit_is_accepted(tmp_path):
+  path = _write_bytes(tmp_path / "collection.tsv", ("y" * 1024 + "\ttext\n").encode())
+  assert formats.read_collection(path) == {"y" * 1024: "text"}
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("name, content, read, expected", [
+    ("collection.tsv", b"p0\tfirst\np1\tsecond\n", formats.read_collection, {"p0": "first", "p1": "second"}),
+    ("collection.tsv", b"id\ttext\ttitle\np0\tfirst\tT\n", formats.read_collection, {"p0": "T | first"}),
+    ("queries.tsv", b"q0\twhat\n", formats.read_queries, {"q0": "what"}),
+    ("corpus.jsonl", b'{"_id": "d0", "text": "x"}\n', formats.read_beir_corpus, {"d0": "x"}),
+    ("train.jsonl", b'["q0", ["p0", 1.5]]\n', lambda p: list(formats.read_training_lines(p)),
+     [TrainingExample("q0", ("p0",), (1.5,))]),
+    ("qrels.tsv", b"query-id\tcorpus-id\tscore\nq0\tp0\t1\n", formats.read_qrels, {"q0": {"p0": 1}}),
+    ("run.trec", b"q0 Q0 p0 1 0.5 t\n", formats.read_run, {"q0": {"p0": 0.5}}),
+])
+def test_utf8_byte_order_mark_is_stripped(tmp_path, suffix, name, content, read, expected):
+  path = _write_bytes(tmp_path / f"{name}{suffix}", b"\xef\xbb\xbf" + content)
+  assert read(path) == expected
+
+
+def test_byte_order_mark_only_at_the_start(tmp_path):
+  path = _write_bytes(tmp_path / "queries.tsv", b"q0\ta\n\xef\xbb\xbfq1\tb\n")
+  assert formats.read_queries(path) == {"q0": "a", "\ufeffq1": "b"}
+
+
+def test_skip_lines_that_are_not_utf8(tmp_path, caplog):
+  path = _write_bytes(tmp_path / "train.jsonl", b'[1, [2, 0.5]]\n[3, ["\xff", 0.5]]\n[4, [5, 0.5]]\n\xc3(\n')
+  _expect_error(path, 2, "not UTF-8 (invalid start byte at byte 6)", lambda p: list(formats.read_training_lines(p)))
+  skipped = []
+  with caplog.at_level(logging.WARNING, logger=formats.__name__):
+    examples = list(formats.read_training_lines(path, skip_bad_lines=True, on_skip=skipped.append))
+  assert [e.qid for e in examples] == ["1", "4"]
+  assert [(e.line, e.reason.split(" (")[0]) for e in skipped] == [(2, "not UTF-8"), (4, "not UTF-8")]
+  assert "skipped 2 bad lines" in caplog.text
+  collection = _write_bytes(tmp_path / "collection.tsv", b"1\tgood\n2\tbad \xff\n3\tfine\n")
+  skipped = []
+  assert formats.read_collection(collection, skip_bad_lines=True, on_skip=skipped.append) == {"1": "good", "3": "fine"}
+  assert [e.line for e in skipped] == [2]
+
+
+def test_every_line_not_utf8_with_skip(tmp_path):
+  path = _write_bytes(tmp_path / "queries.tsv", b"\xff\n\xfe\n")
+  _expect_error(path, 2, "no valid lines (all 2 lines were bad)",
+                lambda p: formats.read_queries(p, skip_bad_lines=True))
+
+
+@pytest.mark.parametrize("content, line, fields", [
+    (b"1\ta\n2\tb\tc\n", 2, 3),
+    (b"1\ttext with\ta tab\tinside\n", 1, 4),
+    (b"id\ttext\n1\tb\tc\n", 2, 3),
+])
+def test_collection_title_column_needs_the_header(tmp_path, content, line, fields):
+  path = _write_bytes(tmp_path / "collection.tsv", content)
+  error = _expect_error(path, line, f"the line has {fields} tab-separated fields; a collection line is id<TAB>text",
+                        formats.read_collection)
+  assert "start the file with the header line id<TAB>text<TAB>title" in error.reason
+  skipped = []
+  formats.read_collection(_write_bytes(tmp_path / "more.tsv", content + b"9\tz\n"), skip_bad_lines=True,
+                          on_skip=skipped.append)
+  assert [e.line for e in skipped] == [line]
+
+
+def test_titled_collection_rejects_a_fourth_field(tmp_path):
+  path = _write_bytes(tmp_path / "collection.tsv", b"id\ttext\ttitle\n1\ta\tT\n2\tb\tT\textra\n")
+  _expect_error(path, 3, "the line has 4 tab-separated fields; a titled collection line is id<TAB>text<TAB>title",
+                formats.read_collection)
+
+
+def test_training_line_without_scores_when_scores_are_required(tmp_path):
+  path = _write_bytes(tmp_path / "train.jsonl", b'["q0", ["p1", 1.0]]\n["q1", "p1", "p2"]\n')
+  _expect_error(path, 2, "no teacher scores", lambda p: list(formats.iter_training_lines(p, require_scores=True)))
+  skipped = []
+  lines = list(formats.iter_training_lines(path, require_scores=True, skip_bad_lines=True, on_skip=skipped.append))
+  assert [(n, ex.qid) for n, ex in lines] == [(1, "q0")] and [e.line for e in skipped] == [2]
+  assert [ex.qid for ex in formats.read_training_lines(path)] == ["q0", "q1"]  # scores not required

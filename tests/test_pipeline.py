@@ -3,6 +3,7 @@ resume, the original's same-order option, and the training loop's use of it."""
 
 import importlib.util
 import json
+import logging
 import pathlib
 import types
 
@@ -201,6 +202,38 @@ def test_lines_with_more_pairs_than_max_pairs_are_refused_with_their_line(tmp_pa
                                     progress=False)
   compiled = pipeline.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=3, progress=False)
   np.testing.assert_array_equal(compiled.targets["pair_mask"], [[1, 0, 0], [1, 1, 1]])
+
+
+def test_training_line_without_teacher_scores_names_its_line(tmp_path, data):
+  docs = store.open_store(data.paths.collection, tmp_path, data.tokenizer, "docs", progress=False)
+  queries = store.open_store(data.paths.queries, tmp_path, data.tokenizer, "queries", progress=False)
+  train = tmp_path / "train.jsonl"
+  train.write_text('["q0", ["1", 1.0], ["2", 0.5]]\n["q1", "1", "2"]\n["q2", ["4", 2.0], ["5", 1.0]]\n')
+  with pytest.raises(FormatError, match=r"train.jsonl:2: no teacher scores"):
+    pipeline.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1, progress=False)
+  skipped = []
+  compiled = pipeline.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1,
+                                           skip_bad_lines=True, on_skip=skipped.append, progress=False)
+  assert [e.line for e in skipped] == [2]
+  np.testing.assert_array_equal(compiled.query_row, queries.rows(["q0", "q2"]))
+
+
+def test_nway_beyond_every_line_warns_with_the_counts(tmp_path, data, caplog):
+  docs = store.open_store(data.paths.collection, tmp_path, data.tokenizer, "docs", progress=False)
+  queries = store.open_store(data.paths.queries, tmp_path, data.tokenizer, "queries", progress=False)
+  train = tmp_path / "train.jsonl"
+  train.write_text('["q0", ["1", 1.0], ["2", 0.5]]\n["q1", ["3", 1.0], ["4", 0.5], ["5", 0.1]]\n')
+  expected = ("data.nway=6 but the training lines have at most 3 passages (mean 2.5): 58% of the slots are "
+              "padding (--config.data.nway=3 would hold every passage)")
+  for _ in range(2):  # compiled, then reused
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+      pipeline.compile_training_set(train, docs, queries, tmp_path, nway=6, max_pairs=1, progress=False)
+    assert [r.getMessage() for r in caplog.records].count(expected) == 1, caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+    pipeline.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=1, progress=False)
+  assert "padding" not in caplog.text
 
 
 def test_compiled_training_set_is_reused(data, monkeypatch):

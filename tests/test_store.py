@@ -1,7 +1,9 @@
 """The pre-tokenised store: contents equal the tokenizer's, id index, reuse and rebuild, atomic builds."""
 
 import gzip
+import logging
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -126,7 +128,7 @@ def test_failed_build_leaves_old_store_and_no_temporaries(tmp_path, colbert):
   passages = _collection(source, ["0", "1"])
   good = _open(source, tmp_path, colbert)
   source.write_text("0\tnew text\n1\tbad\tline\tfour columns\n")
-  with pytest.raises(FormatError, match=r"collection.tsv:2: expected 2 or 3 tab-separated columns"):
+  with pytest.raises(FormatError, match=r"collection.tsv:2: the line has 4 tab-separated fields"):
     _open(source, tmp_path, colbert)
   assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == [good.directory.name]
   _assert_rows_equal(store.load_store(good.directory), [0, 1], colbert.encode_docs(list(passages.values())))
@@ -228,3 +230,80 @@ def test_ensure_built_keeps_a_store_another_process_installed_first(tmp_path):
   assert meta["value"] == 1
   assert store.open_arrays(target, meta["arrays"])["x"].tolist() == [1]
   assert [p.name for p in tmp_path.iterdir()] == ["cached"]
+
+
+def test_encode_keys_is_utf8_per_id_and_agrees_with_the_index(tmp_path, colbert):
+  keys = store._encode_keys(["café", "p1", "日本", ""])
+  assert keys.dtype == np.dtype("S6") and keys.tolist() == [b"caf\xc3\xa9", b"p1", b"\xe6\x97\xa5\xe6\x9c\xac", b""]
+  ids = ["日本", "café", "cafe", "Z", "é" * 1024]
+  _collection(tmp_path / "collection.tsv", ids)
+  st = _open(tmp_path / "collection.tsv", tmp_path, colbert)
+  assert st.index.kind == "str"
+  np.testing.assert_array_equal(st.rows(ids[::-1]), [4, 3, 2, 1, 0])
+  assert list(st.index.find(["cafè", "日", "é" * 1023])) == [-1, -1, -1]
+
+
+def test_encode_keys_memory_is_that_of_the_utf8_bytes():
+  ids = [str(i) for i in range(2000)] + ["é" * 1024]  # one long id: 2048 UTF-8 bytes
+  tracemalloc.start()
+  try:
+    keys = store._encode_keys(ids)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert keys.dtype == np.dtype("S2048")
+  assert peak < 1.5 * 2001 * 2048  # no 4-bytes-per-character unicode array of every id at the longest's width
+
+
+def test_over_long_pid_names_its_line(tmp_path, colbert):
+  source = tmp_path / "collection.tsv"
+  source.write_text("a\tfirst\n" + "b" * 5000 + "\tsecond\nc\tthird\n")
+  with pytest.raises(FormatError, match=r"collection.tsv:2: pid is 5,000 characters long, longer than the limit "
+                                        r"of 1024"):
+    _open(source, tmp_path, colbert)
+  st = _open(source, tmp_path, colbert, skip_bad_lines=True)
+  _assert_rows_equal(st, st.rows(["a", "c"]), colbert.encode_docs(["first", "third"]))
+
+
+def test_byte_order_mark_on_a_collection(tmp_path, colbert):
+  source = tmp_path / "collection.tsv"
+  source.write_bytes("\ufeffp0\tfirst\np1\tsecond\n".encode())
+  st = _open(source, tmp_path, colbert)
+  _assert_rows_equal(st, st.rows(["p0", "p1"]), colbert.encode_docs(["first", "second"]))
+
+
+def test_damaged_store_is_rebuilt(tmp_path, colbert, caplog):
+  source = tmp_path / "collection.tsv"
+  passages = _collection(source, [f"p{i}" for i in range(40)])
+  first = _open(source, tmp_path, colbert)
+  ids_file = first.directory / "ids.bin"
+  original = ids_file.read_bytes()
+  middle = len(original) // 2
+  with open(ids_file, "r+b") as f:
+    f.seek(middle)
+    f.write(bytes(255 - b for b in original[middle:middle + 4]))
+  with caplog.at_level(logging.WARNING, logger=store.__name__):
+    rebuilt = _open(source, tmp_path, colbert)
+  assert caplog.text.count(f"{ids_file} does not match the checksum recorded when it was built") == 1
+  assert rebuilt.directory == first.directory and ids_file.read_bytes() == original
+  _assert_rows_equal(rebuilt, rebuilt.rows(list(passages)), colbert.encode_docs(list(passages.values())))
+
+
+def test_fingerprint_samples_a_large_file(tmp_path):
+  mib = 1 << 20
+  path = tmp_path / "big.bin"
+  data = bytearray(np.random.default_rng(0).integers(0, 256, 8 * mib, np.uint8).tobytes())
+  path.write_bytes(data)
+  recorded = store.fingerprint(path)
+  block_20 = 20 * ((8 * mib - 4096) // 63)  # the 21st of 64 evenly spaced 4 KiB blocks
+  for offset in (0, 4 * mib - 1, 8 * mib - 1, block_20 + 100):  # first, middle and last MiB, a block
+    changed = bytearray(data)
+    changed[offset] ^= 1
+    path.write_bytes(changed)
+    assert store.fingerprint(path) != recorded, offset
+  path.write_bytes(data + b"\0")
+  assert store.fingerprint(path) != recorded
+  changed = bytearray(data)
+  changed[2 * mib] ^= 1  # between samples: the check is sampled, as the module docstring says
+  path.write_bytes(changed)
+  assert store.fingerprint(path) == recorded

@@ -2,10 +2,12 @@
 
 Every reader streams its file line by line (plain, or gzip when the name ends in `.gz`) and raises a
 `FormatError` naming file, line (1-based) and reason. Readers that take `skip_bad_lines` instead skip bad
-lines, log a warning for the first few, and report each one to `on_skip` (pass `list.append` to collect
-them, or a counter). Blank lines are ignored everywhere. Every writer writes atomically: a temporary file
-in the target directory, flushed and fsynced, then `os.replace`d over the target; on failure nothing is
-left behind and an existing file is untouched.
+lines (lines that are not UTF-8 included), log a warning for the first few, and report each one to
+`on_skip` (pass `list.append` to collect them, or a counter). Blank lines are ignored everywhere, and so is
+a UTF-8 byte order mark at the start of a file. An id (qid, pid, document id) longer than `MAX_ID_LENGTH`
+characters is a bad line: ids are held in fixed-width arrays, where one huge id would cost its size for
+every id. Every writer writes atomically: a temporary file in the target directory, flushed and fsynced,
+then `os.replace`d over the target; on failure nothing is left behind and an existing file is untouched.
 
 `text_source` is the one place that decides, from a path, how a collection or query set is read: a TSV
 file, a BEIR corpus.jsonl / queries.jsonl file, or a BEIR directory (its queries restricted to a split).
@@ -35,7 +37,8 @@ _log = logging.getLogger(__name__)
 _MAX_WARNINGS = 5
 _CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
 _BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
-_COLLECTION_HEADERS = (["id", "text"], ["id", "text", "title"])
+_BYTE_ORDER_MARK = "\ufeff"
+MAX_ID_LENGTH = 1024
 # What joins a passage's title and text: ColBERT's `title | text`; BEIR's evaluation and sentence-transformers
 # join `title text`. The students' defaults (`data.title_separator='auto'`).
 COLBERT_TITLE_SEPARATOR = " | "
@@ -59,23 +62,27 @@ def _open_binary(path: PathLike) -> IO[bytes]:
   return gzip.open(path, "rb") if os.fspath(path).endswith(".gz") else open(path, "rb")
 
 
-def _iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+def _iter_lines(path: PathLike, bad: _BadLines) -> Iterator[tuple[int, str]]:
   """Yields (line number, text without its line ending) for the non-blank lines of `path`.
 
-  Lines end only at '\\n' (a '\\r' inside a passage stays part of it). Raises a FormatError for an
-  empty file and for bytes that are not UTF-8.
+  Lines end only at '\\n' (a '\\r' inside a passage stays part of it); a byte order mark starting the
+  file is dropped. A line that is not UTF-8 goes to `bad`. Raises a FormatError for an empty file.
   """
-  number, n_yielded = 0, 0
+  number, n_content = 0, 0
   with _open_binary(path) as f:
     for number, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8").rstrip("\r\n")
       except UnicodeDecodeError as e:
-        raise FormatError(path, number, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+        n_content += 1
+        bad.handle(FormatError(path, number, f"not UTF-8 ({e.reason} at byte {e.start})"))
+        continue
+      if number == 1:
+        line = line.removeprefix(_BYTE_ORDER_MARK)
       if line.strip():
-        n_yielded += 1
+        n_content += 1
         yield number, line
-  if not n_yielded:
+  if not n_content:
     raise FormatError(path, max(number, 1), "file is empty" if not number else "file holds only blank lines")
 
 
@@ -110,14 +117,17 @@ def _read_records(
     path: PathLike,
     parse: Callable[[str], Any],
     bad: _BadLines,
-    is_header: Callable[[str], bool] | None = None,
+    headers: Mapping[tuple[str, ...], Callable[[str], Any]] | None = None,
 ) -> Iterator[tuple[int, Any]]:
   """Yields (line number, parse(line)); `parse` raises ValueError with the reason for a bad line.
 
-  With `is_header`, a first line for which it is true is skipped.
+  With `headers` ({tab-separated columns of a header line: the parser of the lines after it}), a first
+  line that is one of them is skipped and chooses the parser.
   """
-  for index, (number, line) in enumerate(_iter_lines(path)):
-    if index == 0 and is_header is not None and is_header(line):
+  for index, (number, line) in enumerate(_iter_lines(path, bad)):
+    header_parse = headers.get(tuple(line.split("\t"))) if index == 0 and headers else None
+    if header_parse is not None:
+      parse = header_parse
       continue
     try:
       record = parse(line)
@@ -134,13 +144,13 @@ def _read_mapping(
     what: str,
     skip_bad_lines: bool = False,
     on_skip: SkipCallback | None = None,
-    is_header: Callable[[str], bool] | None = None,
+    headers: Mapping[tuple[str, ...], Callable[[str], tuple[str, str]]] | None = None,
 ) -> dict[str, str]:
   """Builds {id: value} from (id, value) records, rejecting duplicate ids."""
   bad = _BadLines(path, skip_bad_lines, on_skip)
   out: dict[str, str] = {}
   number = 1
-  for number, (key, value) in _read_records(path, parse, bad, is_header):
+  for number, (key, value) in _read_records(path, parse, bad, headers):
     if key in out:
       bad.handle(FormatError(path, number, f"duplicate {what} {key!r}"))
       continue
@@ -254,10 +264,18 @@ class TrainingExample:
       raise ValueError(f"logp {logp} > 0 (a probability above 1) (pair {i}, {j})")
 
 
+def _bounded_id(value: str, what: str) -> str:
+  """`value`, or a ValueError when it is longer than MAX_ID_LENGTH characters."""
+  if len(value) > MAX_ID_LENGTH:
+    raise ValueError(f"{what} is {len(value):,} characters long, longer than the limit of {MAX_ID_LENGTH} "
+                     f"(it starts {value[:32]!r})")
+  return value
+
+
 def _json_id(value: Any, what: str) -> str:
   if isinstance(value, bool) or not isinstance(value, (str, int)):
     raise ValueError(f"{what} must be a string or an integer, got {json.dumps(value)}")
-  return str(value)
+  return _bounded_id(str(value), what)
 
 
 def _json_number(value: Any, what: str) -> float:
@@ -305,10 +323,13 @@ def _parse_training_line(line: str) -> TrainingExample:
 
 
 def _training_line_parser(
-    collection_ids: Container[str] | None, query_ids: Container[str] | None
+    collection_ids: Container[str] | None, query_ids: Container[str] | None, require_scores: bool
 ) -> Callable[[str], TrainingExample]:
   def parse(line: str) -> TrainingExample:
     example = _parse_training_line(line)
+    if require_scores and example.scores is None:
+      raise ValueError("no teacher scores: distillation needs [qid, [pid, score, ...], ...] lines, not "
+                       "[qid, pid, ...]")
     if query_ids is not None and example.qid not in query_ids:
       raise ValueError(f"qid {example.qid!r} is not in the queries")
     if collection_ids is not None:
@@ -327,11 +348,14 @@ def iter_training_lines(
     collection_ids: Container[str] | None = None,
     query_ids: Container[str] | None = None,
     on_skip: SkipCallback | None = None,
+    require_scores: bool = False,
 ) -> Iterator[tuple[int, TrainingExample]]:
-  """Streams (line number, example) of training lines; see `read_training_lines`."""
+  """Streams (line number, example) of training lines; see `read_training_lines`. With `require_scores`,
+  a line without teacher scores (`[qid, pid, …]`) is a bad line."""
   bad = _BadLines(path, skip_bad_lines, on_skip)
   n_good = 0
-  for number, example in _read_records(path, _training_line_parser(collection_ids, query_ids), bad):
+  parse = _training_line_parser(collection_ids, query_ids, require_scores)
+  for number, example in _read_records(path, parse, bad):
     n_good += 1
     yield number, example
   bad.finish(n_good)
@@ -403,41 +427,61 @@ def _with_title(title: str, text: str, separator: str) -> str:
   return f"{title}{separator}{text}" if title else text
 
 
-def _parse_collection_line(line: str, title_separator: str) -> tuple[str, str]:
+def _fields(count: int) -> str:
+  return f"{count} tab-separated field{'' if count == 1 else 's'}"
+
+
+def _tsv_id(value: str, what: str) -> str:
+  """`value`, or a ValueError when it is empty or too long."""
+  if not value:
+    raise ValueError(f"empty {what}")
+  return _bounded_id(value, what)
+
+
+def _parse_collection_line(line: str) -> tuple[str, str]:
+  """`pid \\t text` -> (pid, text)."""
+  columns = line.split("\t")
+  if len(columns) != 2:
+    raise ValueError(f"the line has {_fields(len(columns))}; a collection line is id<TAB>text (to read a third "
+                     "column as titles, start the file with the header line id<TAB>text<TAB>title)")
+  return _tsv_id(columns[0], "pid"), columns[1]
+
+
+def _parse_titled_collection_line(line: str, title_separator: str) -> tuple[str, str]:
+  """`pid \\t text [\\t title]` (after the header line `id \\t text \\t title`) -> (pid, titled text)."""
   columns = line.split("\t")
   if len(columns) not in (2, 3):
-    raise ValueError(f"expected 2 or 3 tab-separated columns (pid, text[, title]), found {len(columns)}")
-  pid, text = columns[0], columns[1]
-  if not pid:
-    raise ValueError("empty pid")
-  return pid, _with_title(columns[2] if len(columns) == 3 else "", text, title_separator)
+    raise ValueError(f"the line has {_fields(len(columns))}; a titled collection line is id<TAB>text<TAB>title")
+  title = columns[2] if len(columns) == 3 else ""
+  return _tsv_id(columns[0], "pid"), _with_title(title, columns[1], title_separator)
+
+
+def _collection_headers(title_separator: str) -> dict[tuple[str, ...], Callable[[str], tuple[str, str]]]:
+  """The header lines a collection may start with, and how the lines after each are read."""
+  titled = functools.partial(_parse_titled_collection_line, title_separator=title_separator)
+  return {("id", "text"): _parse_collection_line, ("id", "text", "title"): titled}
 
 
 def _parse_query_line(line: str) -> tuple[str, str]:
   columns = line.split("\t")
   if len(columns) != 2:
     raise ValueError(f"expected 2 tab-separated columns (qid, query), found {len(columns)}")
-  if not columns[0]:
-    raise ValueError("empty qid")
-  return columns[0], columns[1]
-
-
-def _is_collection_header(line: str) -> bool:
-  return line.split("\t") in _COLLECTION_HEADERS
+  return _tsv_id(columns[0], "qid"), columns[1]
 
 
 def read_collection(
     path: PathLike, *, skip_bad_lines: bool = False, on_skip: SkipCallback | None = None,
     title_separator: str = COLBERT_TITLE_SEPARATOR,
 ) -> dict[str, str]:
-  """collection.tsv (`pid \\t text [\\t title]`) -> {pid: text, or title + title_separator + text}.
+  """collection.tsv (`pid \\t text`) -> {pid: text}.
 
-  A first line `id \\t text [\\t title]` is a header row and skipped (as stanford ColBERT does).
+  A first line `id \\t text` is a header row and skipped (as stanford ColBERT does). After a first line
+  `id \\t text \\t title`, a third column is the passage's title: {pid: title + title_separator + text, or
+  the text when the title is empty}. Without that header a third column is an error, since a tab inside a
+  passage would otherwise silently make the rest of it a title.
   """
-  return _read_mapping(
-      path, functools.partial(_parse_collection_line, title_separator=title_separator), what="pid",
-      skip_bad_lines=skip_bad_lines, on_skip=on_skip, is_header=_is_collection_header,
-  )
+  return _read_mapping(path, _parse_collection_line, what="pid", skip_bad_lines=skip_bad_lines,
+                       on_skip=on_skip, headers=_collection_headers(title_separator))
 
 
 def _iter_id_text(
@@ -445,12 +489,12 @@ def _iter_id_text(
     parse: Callable[[str], tuple[str, str]],
     skip_bad_lines: bool,
     on_skip: SkipCallback | None,
-    is_header: Callable[[str], bool] | None = None,
+    headers: Mapping[tuple[str, ...], Callable[[str], tuple[str, str]]] | None = None,
 ) -> Iterator[tuple[int, str, str]]:
   """Yields (line number, id, text) records without collecting them."""
   bad = _BadLines(path, skip_bad_lines, on_skip)
   n_good = 0
-  for number, (key, text) in _read_records(path, parse, bad, is_header):
+  for number, (key, text) in _read_records(path, parse, bad, headers):
     n_good += 1
     yield number, key, text
   bad.finish(n_good)
@@ -466,8 +510,8 @@ def iter_collection(
 
   Like `read_collection`, but duplicate pids are not detected here: the caller owns that check.
   """
-  parse = functools.partial(_parse_collection_line, title_separator=title_separator)
-  return _iter_id_text(path, parse, skip_bad_lines, on_skip, _is_collection_header)
+  headers = _collection_headers(title_separator)
+  return _iter_id_text(path, _parse_collection_line, skip_bad_lines, on_skip, headers)
 
 
 def iter_queries(
@@ -494,7 +538,7 @@ def _write_tsv(path: PathLike, rows: Mapping[str, str], what: str) -> None:
 
 
 def write_collection(path: PathLike, passages: Mapping[str, str]) -> None:
-  """Writes collection.tsv lines `pid \\t text`."""
+  """Writes collection.tsv lines `pid \\t text` (no titles, so no header line)."""
   _write_tsv(path, passages, "passage")
 
 
@@ -608,7 +652,7 @@ def _parse_qrel(line: str, beir: bool) -> tuple[str, str, int]:
     if len(columns) != 4:
       raise ValueError(f"expected 4 columns (TREC qrels: qid 0 docid rel), found {len(columns)}")
     qid, _, docid, rel = columns
-  return qid, docid, _parse_int(rel, "relevance")
+  return _bounded_id(qid, "query id"), _bounded_id(docid, "document id"), _parse_int(rel, "relevance")
 
 
 def read_qrels(path: PathLike) -> dict[str, dict[str, int]]:
@@ -619,7 +663,7 @@ def read_qrels(path: PathLike) -> dict[str, dict[str, int]]:
   """
   qrels: dict[str, dict[str, int]] = {}
   beir = None
-  for number, line in _iter_lines(path):
+  for number, line in _iter_lines(path, _BadLines(path, False, None)):
     if beir is None:
       beir = line.split() == _BEIR_QRELS_HEADER
       if beir:
@@ -668,7 +712,7 @@ def _parse_run_line(line: str) -> tuple[str, str, float]:
     raise ValueError(f"score {score!r} is not a number") from None
   if not math.isfinite(value):
     raise ValueError(f"non-finite score {score}")
-  return qid, docid, value
+  return _bounded_id(qid, "query id"), _bounded_id(docid, "document id"), value
 
 
 def read_run(path: PathLike) -> dict[str, dict[str, float]]:
@@ -729,8 +773,8 @@ def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]] | Iterable[
 FIELDS = ("docs", "queries")
 _WHAT = {"docs": "collection", "queries": "queries"}
 _ACCEPTED = {
-    "docs": "a collection .tsv file (pid, text[, title] tab-separated), a BEIR corpus.jsonl file, or a BEIR "
-            "directory holding corpus.jsonl",
+    "docs": "a collection .tsv file (pid, text tab-separated; titles as a third column after the header line "
+            "id, text, title), a BEIR corpus.jsonl file, or a BEIR directory holding corpus.jsonl",
     "queries": "a queries .tsv file (qid, query tab-separated), a BEIR queries.jsonl file, or a BEIR directory "
                "holding queries.jsonl and qrels/<split>.tsv",
 }

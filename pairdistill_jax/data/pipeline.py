@@ -128,13 +128,14 @@ def _check_pair_counts(path: PathLike, numbers: Sequence[int], examples: Sequenc
 def _compile(tmp: pathlib.Path, path: PathLike, docs: store.TokenStore, queries: store.TokenStore,
              settings: dict[str, Any], *, skip_bad_lines: bool, on_skip: formats.SkipCallback | None,
              progress: bool, chunk_size: int) -> dict[str, Any]:
-  """Writes the TrainingSet arrays of training file `path` into `tmp`; returns their meta."""
+  """Writes the TrainingSet arrays of training file `path` into `tmp`; returns their meta (with the largest and
+  the mean passage count of its lines)."""
   nway, max_pairs = settings["nway"], settings["max_pairs"]
   identity = store.file_identity(path)
-  lines = formats.iter_training_lines(path, skip_bad_lines=skip_bad_lines, on_skip=on_skip)
+  lines = formats.iter_training_lines(path, skip_bad_lines=skip_bad_lines, on_skip=on_skip, require_scores=True)
   skipped = _Skipped(skip_bad_lines, on_skip)
   writer = store.ArrayWriter(tmp)
-  number = 1
+  number, max_passages, total_passages = 1, 0, 0
   try:
     with tqdm.tqdm(desc=f"compiling {pathlib.Path(path).name}", unit="line", disable=not progress,
                    dynamic_ncols=True) as bar:
@@ -146,6 +147,8 @@ def _compile(tmp: pathlib.Path, path: PathLike, docs: store.TokenStore, queries:
         bar.update(len(chunk))
         if not resolved:
           continue
+        counts = [len(ex.pids) for ex, _, _ in resolved]
+        max_passages, total_passages = max(max_passages, *counts), total_passages + sum(counts)
         targets = batching.pack_targets([ex for ex, _, _ in resolved], nway=nway, max_pairs=max_pairs)
         passage_row_CxN = np.full((len(resolved), nway), docs.pad_row, np.int64)
         for c, (ex, _, rows) in enumerate(resolved):
@@ -160,8 +163,17 @@ def _compile(tmp: pathlib.Path, path: PathLike, docs: store.TokenStore, queries:
   if "query_row" not in arrays:
     raise formats.FormatError(path, number, f"no usable training lines (all {skipped.count} reference ids "
                               "missing from the collection or queries)")
-  return {"settings": settings, "source": identity, "arrays": arrays,
+  passages = {"max": max_passages, "mean": total_passages / arrays["query_row"]["shape"][0]}
+  return {"settings": settings, "source": identity, "arrays": arrays, "passages": passages,
           "digest": store.digest_of([settings, identity["sha256"]])}
+
+
+def _warn_of_padding(passages: dict[str, float], nway: int) -> None:
+  """Warns when every line has fewer passages than `nway`: the slots beyond them are only padding."""
+  if passages["max"] < nway:
+    _log.warning("data.nway=%d but the training lines have at most %d passages (mean %.1f): %.0f%% of the slots "
+                 "are padding (--config.data.nway=%d would hold every passage)", nway, passages["max"],
+                 passages["mean"], 100 * (1 - passages["mean"] / nway), passages["max"])
 
 
 def compile_training_set(path: PathLike, docs: store.TokenStore, queries: store.TokenStore,
@@ -171,19 +183,21 @@ def compile_training_set(path: PathLike, docs: store.TokenStore, queries: store.
   """The training lines of `path` resolved against the stores, cached under `store_dir`.
 
   Reused while the file, the stores and the settings are unchanged. A line whose qid or a pid is missing
-  from the stores is a FormatError naming its line (or, with `skip_bad_lines`, skipped and reported).
+  from the stores, or without teacher scores, is a FormatError naming its line (or, with `skip_bad_lines`,
+  skipped and reported). Warns when `nway` exceeds every line's passage count (the extra slots are padding).
   """
   settings = {"format": COMPILE_FORMAT_VERSION, "nway": nway, "max_pairs": max_pairs,
               "skip_bad_lines": skip_bad_lines, "docs": docs.digest, "queries": queries.digest}
   target = pathlib.Path(store_dir) / f"{pathlib.Path(path).name}.nway{nway}.pairs{max_pairs}"
 
-  def is_current(meta: dict[str, Any]) -> bool:
-    return meta.get("settings") == settings and store.same_file(meta["source"], path)
+  def is_current(meta: dict[str, Any]) -> bool:  # (a meta without passage counts is an older version's)
+    return meta.get("settings") == settings and "passages" in meta and store.same_file(meta["source"], path)
 
   build = functools.partial(_compile, path=path, docs=docs, queries=queries, settings=settings,
                             skip_bad_lines=skip_bad_lines, on_skip=on_skip, progress=progress,
                             chunk_size=chunk_size)
   meta = store.ensure_built(target, is_current, build)
+  _warn_of_padding(meta["passages"], nway)
   arrays = store.open_arrays(target, meta["arrays"])
   return TrainingSet(arrays["query_row"], arrays["passage_row"], {k: arrays[k] for k in batching.TARGET_KEYS},
                      meta["digest"])

@@ -6,8 +6,8 @@ A store directory holds
   lengths.bin   int32, the attended prefix of each row (its mask is `position < length`);
   keys.bin, key_rows.bin   the id -> row index: sorted ids (int64, or UTF-8 bytes) and their rows; absent
                 when the ids are 0, 1, 2, … in row order (MS MARCO), which index themselves;
-  meta.json     shapes, dtypes, the tokenizer and reader settings and the source files' identities;
-                written last.
+  meta.json     shapes, dtypes and fingerprints of the arrays, the tokenizer and reader settings and the
+                source files' identities; written last.
 The last row is the encoding of the empty text, which batches use for padding passages (`pad_row`).
 Opening maps the files without reading them, so 8.8M passages × 180 tokens open at once and only the rows
 a batch touches are paged in.
@@ -17,6 +17,12 @@ of the settings). `open_store` reuses a store whose settings and source files ar
 modification time, or else same SHA-256), and otherwise tokenises the source in worker processes with a
 progress bar into a temporary directory that replaces the old store only once complete. The directory
 helpers (`ensure_built`, `ArrayWriter`, `open_arrays`, `file_identity`) serve other cached arrays too.
+
+A damaged cache is rebuilt, not used: `ArrayWriter` records each array file's `fingerprint` and
+`read_meta` checks it (and the exact size) whenever a cached directory is opened, logging a warning naming
+the file that differs. The fingerprint is sampled, so that opening stays cheap for a multi-GB store: a
+BLAKE2b hash of the file's size, its first, middle and last MiB and 64 evenly spaced 4 KiB blocks (about
+3.3 MB read per file; files up to 3 MiB are hashed whole). Damage outside the sampled bytes goes unnoticed.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ _ID_NAMES = {"docs": "pid", "queries": "qid"}
 _UNITS = {"docs": "passage", "queries": "query"}
 _MAX_INT_DIGITS = 18  # canonical integer ids up to this many digits fit int64
 _HASH_BLOCK = 1 << 20
+_SAMPLED_SPAN = 1 << 20  # the first, middle and last MiB of a file are fingerprinted
+_SAMPLED_BLOCK, _SAMPLED_BLOCKS = 4096, 64  # and as many blocks of this size, evenly spaced
 
 _log = logging.getLogger(__name__)
 
@@ -98,11 +106,32 @@ def digest_of(value: Any) -> str:
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
+def _sampled_spans(size: int) -> list[tuple[int, int]]:
+  """(offset, length) of the bytes a fingerprint hashes: the whole file, or for one above 3 MiB its first,
+  middle and last MiB and evenly spaced blocks."""
+  if size <= 3 * _SAMPLED_SPAN:
+    return [(0, size)]
+  spans = [(0, _SAMPLED_SPAN), ((size - _SAMPLED_SPAN) // 2, _SAMPLED_SPAN), (size - _SAMPLED_SPAN, _SAMPLED_SPAN)]
+  step = (size - _SAMPLED_BLOCK) // (_SAMPLED_BLOCKS - 1)
+  return spans + [(k * step, _SAMPLED_BLOCK) for k in range(_SAMPLED_BLOCKS)]
+
+
+def fingerprint(path: PathLike) -> str:
+  """BLAKE2b hex digest of a file's size and sampled bytes (see the module docstring)."""
+  size = os.path.getsize(path)
+  digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+  with open(path, "rb") as f:
+    for offset, length in _sampled_spans(size):
+      f.seek(offset)
+      digest.update(f.read(length))
+  return digest.hexdigest()
+
+
 class ArrayWriter:
   """Appends row chunks of named arrays to `NAME.bin` files of a directory.
 
-  `finish` flushes and fsyncs the files and returns their specs ({name: {'dtype', 'shape'}}) for
-  `open_arrays`.
+  `finish` flushes and fsyncs the files and returns their specs ({name: {'dtype', 'shape', 'fingerprint'}})
+  for `open_arrays`.
   """
 
   def __init__(self, directory: PathLike):
@@ -127,6 +156,8 @@ class ArrayWriter:
       f.flush()
       os.fsync(f.fileno())
     self.close()
+    for name, spec in self._specs.items():
+      spec["fingerprint"] = fingerprint(self._directory / f"{name}.bin")
     return self._specs
 
   def close(self) -> None:
@@ -151,8 +182,10 @@ def open_arrays(directory: PathLike, specs: dict[str, dict[str, Any]]) -> dict[s
   return arrays
 
 
-def read_meta(directory: PathLike) -> dict[str, Any] | None:
-  """The meta.json of a complete cached directory (its arrays all present and whole), else None."""
+def read_meta(directory: PathLike, *, warn: bool = True) -> dict[str, Any] | None:
+  """The meta.json of a complete cached directory (its arrays all present, whole and matching their
+  fingerprints), else None; a fingerprint that differs is logged (when `warn`). Arrays written without a
+  fingerprint (by an older version) count as missing."""
   directory = pathlib.Path(directory)
   try:
     meta = json.loads((directory / META).read_text())
@@ -160,20 +193,26 @@ def read_meta(directory: PathLike) -> dict[str, Any] | None:
     return None
   for name, spec in meta.get("arrays", {}).items():
     path = directory / f"{name}.bin"
-    if not path.is_file() or path.stat().st_size != _expected_bytes(spec):
+    if not path.is_file() or path.stat().st_size != _expected_bytes(spec) or "fingerprint" not in spec:
+      return None
+    if fingerprint(path) != spec["fingerprint"]:
+      if warn:
+        _log.warning("%s does not match the checksum recorded when it was built (a damaged file); treating %s "
+                     "as stale, to be rebuilt", path, directory)
       return None
   return meta
 
 
-def _current_meta(target: pathlib.Path, is_current: Callable[[dict], bool]) -> dict[str, Any] | None:
-  meta = read_meta(target)
+def _current_meta(target: pathlib.Path, is_current: Callable[[dict], bool], *,
+                  warn: bool = True) -> dict[str, Any] | None:
+  meta = read_meta(target, warn=warn)
   return meta if meta is not None and is_current(meta) else None
 
 
 def _install(tmp: pathlib.Path, target: pathlib.Path, is_current: Callable[[dict], bool]) -> None:
   """Moves the finished directory `tmp` to `target`, replacing a stale one; keeps (and discards `tmp`)
-  a current one that another process installed meanwhile."""
-  if _current_meta(target, is_current) is not None:
+  a current one that another process installed meanwhile (not warning again of damage `ensure_built` saw)."""
+  if _current_meta(target, is_current, warn=False) is not None:
     shutil.rmtree(tmp, ignore_errors=True)
     return
   old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
@@ -184,7 +223,7 @@ def _install(tmp: pathlib.Path, target: pathlib.Path, is_current: Callable[[dict
   try:
     os.rename(tmp, target)
   except OSError:
-    if _current_meta(target, is_current) is None:
+    if _current_meta(target, is_current, warn=False) is None:
       raise
     shutil.rmtree(tmp, ignore_errors=True)
   if old is not None:
@@ -230,11 +269,12 @@ def _canonical_ints(keys_K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _encode_keys(keys: Sequence[str]) -> np.ndarray:
+  """The UTF-8 bytes of each id, as an 'S' array as wide as the longest (ids encoded one at a time: a
+  unicode array would take 4 bytes per character of the longest id, for every id)."""
   if isinstance(keys, str):
     raise TypeError("expected a sequence of ids, got a single string; wrap it in a list")
-  if not len(keys):
-    return np.zeros(0, "S1")
-  return np.char.encode(np.asarray(keys, dtype=str), "utf-8")
+  encoded = [key.encode("utf-8") for key in keys]
+  return np.array(encoded, dtype="S") if encoded else np.zeros(0, "S1")
 
 
 class RowIndex:

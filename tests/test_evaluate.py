@@ -105,7 +105,44 @@ def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog
                             tmp_path, title_separator=" | ")
   assert data.qrels == {"7": {"1": 1, "0": 1}, "8": {"0": 1}} and data.queries == {"7": "which?"}
   assert not data.drop_self
-  assert "1 judged queries" in caplog.text
+  assert "1 of 2 judged queries" in caplog.text
+
+
+def write_tsv_eval(root: pathlib.Path, qrels: dict, queries: dict | None = None) -> dict:
+  """collection.tsv (documents 0 and 1), queries.tsv and TREC qrels in `root`; the eval fields naming them."""
+  formats.write_collection(root / "collection.tsv", {"0": "first", "1": "second"})
+  formats.write_queries(root / "queries.tsv", queries or {q: f"text of {q}" for q in qrels})
+  formats.write_qrels(root / "qrels.tsv", qrels)
+  return dict(collection=str(root / "collection.tsv"), queries=str(root / "queries.tsv"),
+              qrels=str(root / "qrels.tsv"))
+
+
+def test_load_data_counts_relevant_documents_missing_from_the_collection(tmp_path, caplog):
+  qrels = {"q1": {"0": 1, "9": 1}, "q2": {"1": 2}, "q3": {"8": 1, "7": 0}}
+  data = evaluate.load_data(eval_config(**write_tsv_eval(tmp_path, qrels)), tmp_path, title_separator=" | ")
+  assert data.qrels == qrels and set(data.queries) == {"q1", "q2", "q3"}
+  # Relevant: 0, 9, 1, 8; not in the collection: 9 (for q1) and 8 (for q3); 7 is judged not relevant.
+  assert (f"2 of 4 relevant documents of {tmp_path / 'qrels.tsv'} (for 2 of 3 judged queries) are not in the "
+          f"collection {tmp_path / 'collection.tsv'}; they count as not retrieved") in caplog.text
+
+
+@pytest.mark.parametrize("qrels, queries, message", [
+    ({"q1": {"8": 1, "0": 0}, "q2": {"9": 2}}, None,
+     "none of the 2 relevant documents of .*qrels.tsv is in the collection .*collection.tsv"),
+    ({"q1": {"0": 0}}, None, "qrels.tsv judges no document relevant"),
+    ({"q1": {"0": 1}, "q2": {"1": 1}}, {"q7": "other"}, "none of the 2 queries judged in .*qrels.tsv is in "),
+])
+def test_load_data_refuses_qrels_that_do_not_belong_to_the_collection_or_queries(tmp_path, qrels, queries, message):
+  with pytest.raises(ValueError, match=message):
+    evaluate.load_data(eval_config(**write_tsv_eval(tmp_path, qrels, queries)), tmp_path, title_separator=" | ")
+
+
+def test_empty_lotte_qas_is_a_format_error(tmp_path):
+  fields = write_tsv_eval(tmp_path, {"q1": {"0": 1}})
+  (tmp_path / "qas.jsonl").write_text("\n")
+  with pytest.raises(formats.FormatError, match="qas.jsonl:1: no questions"):
+    evaluate.load_data(eval_config(**fields | {"qrels": str(tmp_path / "qas.jsonl")}), tmp_path,
+                       title_separator=" | ")
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -194,6 +231,26 @@ def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
   assert {key: saved[key] for key in settings} == settings
   assert "Evaluating colbert on 100 queries, 1000 documents: kind='colbert', query_maxlen=16" in result.stderr
   assert list(printed) == ["RR@10", "R@50"] and "100 queries, 1000 documents, exact search" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["qrels_of_another_collection", "empty_queries"])
+def test_cli_refuses_eval_data_in_one_line(tmp_path, case):
+  """`--mode=evaluate --init`: qrels whose relevant documents are all outside the collection, or an empty query
+  file, end in one `error:` line with exit 2 (before any model is built), not in zero metrics or a traceback."""
+  fields = write_tsv_eval(tmp_path, {"q1": {"8": 1}} if case == "qrels_of_another_collection" else {"q1": {"0": 1}})
+  if case == "empty_queries":
+    (tmp_path / "queries.tsv").write_text("")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "pairdistill_jax.main", "--config=configs/colbert.py:demo", f"--workdir={tmp_path}",
+       "--mode=evaluate", "--init", *(f"--config.eval.{field}={path}" for field, path in fields.items())],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  expected = {"qrels_of_another_collection": "none of the 1 relevant documents of ",
+              "empty_queries": f"{tmp_path / 'queries.tsv'}:1: file is empty"}[case]
+  assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
 @pytest.mark.slow

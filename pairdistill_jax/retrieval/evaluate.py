@@ -101,6 +101,8 @@ def _read_lotte_qas(path: pathlib.Path) -> dict[str, dict[str, int]]:
       qrels[str(row["qid"])] = {str(pid): 1 for pid in row["answer_pids"]}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise formats.FormatError(path, number, f"expected a JSON object with qid and answer_pids ({e})") from None
+  if not qrels:
+    raise formats.FormatError(path, 1, "no questions (the file is empty or blank)")
   return qrels
 
 
@@ -118,9 +120,44 @@ def _beir_paths(e: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pa
   return collection, queries, qrels
 
 
+def _judged_queries(all_queries: Mapping[str, str], qrels: metrics.Qrels, queries_path: pathlib.Path,
+                    qrels_path: pathlib.Path) -> dict[str, str]:
+  """The texts of the queries judged in `qrels`; warns with counts when some have none, refuses when none has."""
+  queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
+  if not queries:
+    raise ValueError(f"none of the {len(qrels)} queries judged in {qrels_path} is in {queries_path}: do the files "
+                     "belong together?")
+  if len(queries) < len(qrels):
+    _log.warning("%d of %d judged queries of %s are not in %s; they count as 0 in every metric",
+                 len(qrels) - len(queries), len(qrels), qrels_path, queries_path)
+  return queries
+
+
+def _check_relevant_documents(collection: Mapping[str, str], qrels: metrics.Qrels, corpus_path: pathlib.Path,
+                              qrels_path: pathlib.Path) -> None:
+  """Warns with counts when documents judged relevant (relevance > 0) are not in the collection; refuses when
+  none is, as every metric would be 0."""
+  relevant = {docid for judged in qrels.values() for docid, rel in judged.items() if rel > 0}
+  if not relevant:
+    raise ValueError(f"{qrels_path} judges no document relevant (relevance > 0): every metric would be 0")
+  missing = {docid for docid in relevant if docid not in collection}
+  if missing == relevant:
+    raise ValueError(f"none of the {len(relevant)} relevant documents of {qrels_path} is in the collection "
+                     f"{corpus_path}: do the files belong together?")
+  if missing:
+    affected = sum(any(rel > 0 and docid in missing for docid, rel in judged.items()) for judged in qrels.values())
+    _log.warning("%d of %d relevant documents of %s (for %d of %d judged queries) are not in the collection %s; "
+                 "they count as not retrieved", len(missing), len(relevant), qrels_path, affected, len(qrels),
+                 corpus_path)
+
+
 def load_data(e: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, title_separator: str) -> EvalData:
   """Reads the collection (titles joined to texts with `title_separator`), the judged queries and the qrels
-  that `config.eval` names; collection and queries may be TSV files or BEIR (formats.text_source)."""
+  that `config.eval` names; collection and queries may be TSV files or BEIR (formats.text_source).
+
+  Judged queries without a text and relevant documents outside the collection are counted in a warning (they
+  score 0); a ValueError refuses qrels that no query text or no collection document matches.
+  """
   workdir = pathlib.Path(workdir)
   if e.format == "beir":
     corpus_path, queries_path, qrels_path = _beir_paths(e, workdir)
@@ -129,12 +166,8 @@ def load_data(e: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, titl
   collection = formats.text_source(corpus_path, "docs", title_separator=title_separator).read()
   all_queries = formats.text_source(queries_path, "queries", split=e.split).read()
   qrels = _read_qrels(qrels_path)
-  queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
-  if len(queries) < len(qrels):
-    _log.warning("%d judged queries of %s have no text in %s; they count as 0 in every metric",
-                 len(qrels) - len(queries), qrels_path, queries_path)
-  if not queries:
-    raise ValueError(f"no query of {qrels_path} is in {queries_path}: do the files belong together?")
+  queries = _judged_queries(all_queries, qrels, queries_path, qrels_path)
+  _check_relevant_documents(collection, qrels, corpus_path, qrels_path)
   _log.info("Evaluation data: %d documents (%s), %d judged queries (%s)", len(collection), corpus_path,
             len(queries), qrels_path)
   return EvalData(collection, queries, qrels, drop_self=e.format == "beir")
@@ -257,11 +290,12 @@ def evaluate_trained(trained: TrainedModel, eval_config: ml_collections.ConfigDi
   """Evaluates a workdir's trained model (the model of its own config) on the data of `eval_config`;
   'auto' joins titles as the model's kind does (formats.title_separator)."""
   check_eval_config(eval_config)
+  separator = formats.title_separator(title_separator, trained.config.model.kind)
+  data = load_data(eval_config, workdir, title_separator=separator)
   encoder = encoders.from_trained(trained, query_maxlen=eval_config.query_maxlen,
                                   doc_maxlen=eval_config.doc_maxlen)
-  separator = formats.title_separator(title_separator, trained.config.model.kind)
-  return evaluate(encoder, load_data(eval_config, workdir, title_separator=separator), eval_config,
-                  pathlib.Path(workdir) / EVAL_DIR, extra={"step": trained.step, "title_separator": separator})
+  return evaluate(encoder, data, eval_config, pathlib.Path(workdir) / EVAL_DIR,
+                  extra={"step": trained.step, "title_separator": separator})
 
 
 def evaluate_model_dir(model_dir: str | pathlib.Path, eval_config: ml_collections.ConfigDict,
@@ -287,6 +321,8 @@ def evaluate_initial(config: ml_collections.ConfigDict, workdir: str | pathlib.P
 
   e = config.eval
   check_eval_config(e)
+  separator = formats.title_separator(config.data.title_separator, config.model.kind)
+  data = load_data(e, workdir, title_separator=separator)
   tokenizer_dir = students.tokenizer_dir(config)
   bert_config, pretrained = students.import_student(config, vocab_size=len(load_tokenizer(tokenizer_dir)))
   model = make_student(config.model, bert_config)
@@ -294,8 +330,7 @@ def evaluate_initial(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   params = jax.device_get(state_lib.init_params(model, config, init_rng)) | pretrained
   encoder = encoders.from_params(config.model, bert_config, params, tokenizer_dir, query_maxlen=e.query_maxlen,
                                  doc_maxlen=e.doc_maxlen, name=f"{config.model.kind}@init")
-  separator = formats.title_separator(config.data.title_separator, config.model.kind)
   field, source = students.init_source(config)
-  return evaluate(encoder, load_data(e, workdir, title_separator=separator), e, pathlib.Path(workdir) / EVAL_DIR,
+  return evaluate(encoder, data, e, pathlib.Path(workdir) / EVAL_DIR,
                   extra={"init": {field or "random": source, "layers": config.init.layers},
                          "title_separator": separator})

@@ -38,7 +38,9 @@ def get_config(arg=None):
   c.optim = dict(lr=3e-5, warmup_steps=10_000, clip_norm=2.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(batch_size=arg.batch_size, grad_accum=arg.grad_accum, steps=arg.steps, seed=0,
                  log_every=50, checkpoint_every=1_000, keep_checkpoints=3, eval_every=0,
-                 best_metric="")  # best_metric: an eval metric whose best checkpoint is kept too
+                 best_metric="", overwrite=False)
+  # best_metric: an eval metric whose best checkpoint is kept too; overwrite: delete a workdir's checkpoints
+  # that hold another model (shapes) and start over, instead of refusing to run.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = config_lib.SHARDING_RULES
   c.benchmark = config_lib.benchmark_fields()  # --mode=benchmark, see config_lib.benchmark_fields

@@ -25,11 +25,44 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-from pairdistill_jax import distributed
+from pairdistill_jax import config_lib, distributed
 from pairdistill_jax.models.bert import BertConfig
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointMismatchError(config_lib.ConfigError):
+  """The workdir's checkpoints hold another model (shapes or structure) than the config describes."""
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params.bert.embeddings.word_embeddings.embedding': shape, ...} of a state or its saved metadata."""
+  return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _model_differences(saved_config: pathlib.Path, config: ml_collections.ConfigDict | None) -> list[str]:
+  """'model.dim: 32 there, 64 here' for each model and init field in which the saved run's config differs."""
+  if config is None:
+    return []
+  try:
+    saved = _flat(json.loads(saved_config.read_text()))
+  except (OSError, ValueError):
+    return []
+  wanted = _flat(json.loads(config.to_json_best_effort()))
+  return [f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in sorted(wanted.keys() | saved.keys())
+          if k.startswith(("model.", "init.layers")) and saved.get(k) != wanted.get(k)]
 
 
 class Checkpointer:
@@ -37,8 +70,10 @@ class Checkpointer:
   step; keeps the newest `keep` checkpoints plus the best one by the dev metric `best_metric` (if set).
   All processes call it together; Orbax writes each process's shards and commits atomically."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int, best_metric: str = ""):
+  def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int, best_metric: str = "",
+               config: ml_collections.ConfigDict | None = None):
     self.every = every
+    self.config_of_run = config  # names the differing fields when a checkpoint does not fit
     self.best_metric = best_metric
     policies = [LatestN(n=keep)]
     if best_metric:
@@ -46,7 +81,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True,
                                            preservation_policy=AnyPreservationPolicy(policies))
     self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -54,10 +91,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def due(self, step: int, *, last: bool = False) -> bool:
+    """Whether `save` saves at `step`: on the interval, or the last step of a run."""
+    return last or step % self.every == 0
+
   def save(self, step: int, state: Any, *, data_state: Any = None, config: ml_collections.ConfigDict | None = None,
            metrics: dict | None = None, last: bool = False) -> bool:
-    """Starts an asynchronous save (the state after `step` steps) on the interval or if `last`."""
-    if step % self.every and not last:
+    """Starts an asynchronous save (the state after `step` steps) when `due`."""
+    if not self.due(step, last=last):
       return False
     items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave({"iterator": data_state})}
     if config is not None:
@@ -79,6 +120,7 @@ class Checkpointer:
     warning (and, with `move_aside`, renamed to <step>.corrupt-<time>, so that training can save that step
     again) and the one before it is tried. None when there is none."""
     for step in reversed(self.all_steps()):
+      self.check_fits(step, like)
       try:
         return (step, *self.restore(step, like, shardings))
       except Exception as e:  # noqa: BLE001 (any failure to read means: not usable)
@@ -87,6 +129,36 @@ class Checkpointer:
         if move_aside:
           self._move_aside(step)
     return None
+
+  def check_fits(self, step: int, like: Any) -> None:
+    """Raises CheckpointMismatchError when the arrays saved at `step` differ in names or shapes from `like`'s
+    (another model or optimizer); a checkpoint whose metadata cannot be read passes (restoring it fails)."""
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001 (unreadable: restore_latest finds it corrupt)
+      return
+    if saved is None:
+      return
+    saved_shapes, wanted_shapes = _leaf_shapes(saved), _leaf_shapes(like)
+    differences = [f"{name}: {saved_shapes.get(name, 'absent')} there, {wanted_shapes.get(name, 'absent')} here"
+                   for name in sorted(saved_shapes.keys() | wanted_shapes.keys())
+                   if saved_shapes.get(name) != wanted_shapes.get(name)]
+    if not differences:
+      return
+    fields = _model_differences(self.directory / str(step) / "config" / "metadata", self.config_of_run)
+    raise CheckpointMismatchError(
+        f"the checkpoints in {self.directory} do not fit this config "
+        f"({'; '.join(fields) or 'same model fields'}): {len(differences)} of the saved arrays differ, e.g. "
+        f"{'; '.join(differences[:3])}. Use a new --workdir, or --config.train.overwrite=True to delete the "
+        f"old checkpoints and start over")
+
+  def delete_all(self) -> None:
+    """Deletes every checkpoint (process 0); those moved aside as corrupt stay."""
+    if jax.process_index() == 0:
+      for step in self.all_steps():
+        shutil.rmtree(self.directory / str(step))
+    distributed.barrier("checkpoints deleted")
+    self._manager.reload()
 
   def _move_aside(self, step: int) -> None:
     """Renames checkpoints/<step> to <step>.corrupt-<time> (process 0; kept for inspection)."""

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 
 import jax
@@ -35,10 +36,12 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from pairdistill_jax import config_lib, distributed
+from pairdistill_jax import workdir as workdir_lib
 from pairdistill_jax.data.formats import FormatError
 
 MODES = ("train", "evaluate", "export", "mine", "score", "rounds", "benchmark")
 
+_DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/colbert.py:demo.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and outputs.")
@@ -67,12 +70,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    field = str(e.args[0]).strip("'\"") if e.args else "?"
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    fail(f"unknown config field {field!r} in {' '.join(overrides)}; see the config file for the fields")
+    fail(unknown_field_message(str(e.args[0]) if e.args else "", argv))
   except flags.Error as e:
     # ml_collections puts a config file's traceback into the message; its last line is the reason.
     fail(str(e).strip().splitlines()[-1])
+
+
+def unknown_field_message(error: str, argv: list[str]) -> str:
+  """'unknown config field train.stepz (did you mean train.steps?)' from ml_collections' lookup error."""
+  paths = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+  suggestion = _DID_YOU_MEAN.search(error)
+  for path in paths:
+    parts = path.split(".")
+    if suggestion and suggestion.group(2) in parts:
+      i = parts.index(suggestion.group(2))
+      return (f"unknown config field {'.'.join(parts[:i + 1])} "
+              f"(did you mean {'.'.join(parts[:i] + [suggestion.group(1)])}?)")
+  named = [p for p in paths if re.search(rf"\b{re.escape(p.split('.')[-1])}\b", error)]
+  return f"unknown config field {(named or paths or ['?'])[0]}"
 
 
 def main(argv: list[str]) -> int:
@@ -94,8 +109,17 @@ def main(argv: list[str]) -> int:
 
 
 def run_mode(config, mode: str) -> int:
-  """Runs `mode`; errors in what the user gave (config, data, paths) propagate to `main`, which says them in
-  one line."""
+  """Runs `mode` holding the workdir's lock (export to another --export_dir only reads the workdir, so it may
+  run beside a training); errors in what the user gave (config, data, paths) propagate to `main`, which says
+  them in one line."""
+  if mode == "export" and _EXPORT_DIR.value:
+    workdir_lib.check_writable(pathlib.Path(_EXPORT_DIR.value).absolute().parent, "--export_dir's parent")
+    return run_export(_WORKDIR.value)
+  with workdir_lib.locked(_WORKDIR.value, mode):
+    return _run_locked(config, mode)
+
+
+def _run_locked(config, mode: str) -> int:
   if mode == "export":
     return run_export(_WORKDIR.value)
   if mode == "evaluate":
@@ -112,7 +136,10 @@ def run_mode(config, mode: str) -> int:
   if mode == "rounds":
     return run_rounds(config, _WORKDIR.value)
   from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
-  summary = loop.train(config, _WORKDIR.value)
+  try:
+    summary = loop.train(config, _WORKDIR.value)
+  except loop.NonFiniteLossError as e:
+    fail(f"--mode=train: {e}; lower optim.lr or raise optim.warmup_steps (the last checkpoint resumes)")
   if jax.process_index() == 0:
     print(format_summary(summary))
     print("SUMMARY " + json.dumps(summary))
@@ -194,7 +221,8 @@ def run_benchmark(config, workdir: str) -> int:
 
 
 def run_evaluate(config, workdir: str) -> int:
-  """--mode=evaluate: the latest checkpoint (or --model_dir) on config.eval; prints the metrics table."""
+  """--mode=evaluate: the latest checkpoint (or --model_dir, or --init) on config.eval; prints the metrics
+  table. Data that cannot be evaluated (ValueError: no judged query or relevant document found) is one line."""
   from pairdistill_jax.retrieval import evaluate  # noqa: PLC0415
 
   try:
@@ -202,19 +230,23 @@ def run_evaluate(config, workdir: str) -> int:
   except ValueError as e:
     fail(f"invalid config: {e}")
   if _INIT.value:
-    try:
-      result = evaluate.evaluate_initial(config, workdir)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
-      fail(f"--mode=evaluate --init: {e}")
+    what = "--mode=evaluate --init"
   elif _MODEL_DIR.value:
-    try:
+    what = f"--mode=evaluate --model_dir={_MODEL_DIR.value}"
+  else:
+    what = "--mode=evaluate"
+    trained = _load_trained(workdir, "evaluate", "; or evaluate a directory with --model_dir")
+  try:
+    if _INIT.value:
+      result = evaluate.evaluate_initial(config, workdir)
+    elif _MODEL_DIR.value:
       result = evaluate.evaluate_model_dir(_MODEL_DIR.value, config.eval, workdir, pooling=_POOLING.value,
                                            title_separator=config.data.title_separator)
-    except (FileNotFoundError, ValueError) as e:
-      fail(f"--mode=evaluate --model_dir={_MODEL_DIR.value}: {e}")
-  else:
-    trained = _load_trained(workdir, "evaluate", "; or evaluate a directory with --model_dir")
-    result = evaluate.evaluate_trained(trained, config.eval, workdir, title_separator=config.data.title_separator)
+    else:
+      result = evaluate.evaluate_trained(trained, config.eval, workdir,
+                                         title_separator=config.data.title_separator)
+  except (FileNotFoundError, ValueError) as e:  # ConfigError and FormatError are ValueErrors
+    fail(f"{what}: {e}")
   if jax.process_index() == 0:
     print(result.table())
     print("METRICS " + json.dumps(result.metrics))
@@ -223,7 +255,9 @@ def run_evaluate(config, workdir: str) -> int:
 
 def format_summary(summary: dict) -> str:
   """'loss 3.2100 -> 1.0500' lines for each tracked metric."""
-  lines = [f"trained up to step {summary.get('steps', 0)}"]
+  steps, started_at = summary.get("steps", 0), summary.get("started_at", 0)
+  lines = [f"trained up to step {steps}" + (" (finished earlier: nothing left to train)" if steps == started_at
+                                            else f" (resumed at step {started_at})" if started_at else "")]
   if summary.get("preempted_at") is not None:
     lines.append(f"  preempted: checkpoint saved at step {summary['preempted_at']}; rerun to resume")
   for key in ("loss", "loss_kd", "loss_pair", "loss_ib", "pair_agreement", "top1_agreement"):

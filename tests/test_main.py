@@ -51,13 +51,16 @@ def test_dpr_demo_runs_to_completion(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config=configs/colbert.py:demo", "--config.model.nonexistent=1"],
-     "unknown config field 'nonexistent'"),
+    (["--config=configs/colbert.py:demo", "--config.model.nonexistent=1"], "unknown config field model.nonexistent\n"),
+    (["--config=configs/colbert.py:demo", "--config.optim.lr=1e-4", "--config.train.stepz=3"],
+     "error: unknown config field train.stepz (did you mean train.steps?)\n"),
     (["--config=configs/colbert.py:demo", "--config.optim.lr=fast"], "--config.optim.lr=fast"),
     (["--config=configs/colbert.py:demo", "--config.train.batch_size=6"], "loss.in_batch_group=4 must divide"),
     (["--config=configs/dpr.py:demo", "--config.loss.dpr_workers=3"], "loss.dpr_workers=3 must be >= 0"),
     (["--config=configs/colbert.py:demo,bogus=1"], "unknown config argument 'bogus'"),
     (["--config=configs/colbert.py:demo", "--config.mesh.data=3"], "mesh"),
+    (["--config=configs/colbert.py:demo", "--config.optim.lr=1e30", "--config.optim.warmup_steps=0",
+      "--config.train.steps=5"], "error: --mode=train: non-finite loss or gradient at step 1"),
     (["--config=configs/colbert.py:demo", "--config.data.prefetch=-1"], "data.prefetch must be >= 0"),
     (["--config=configs/colbert.py"], "data.train is empty"),
     (["--config=configs/colbert.py:demo", "--mode=export"], "--mode=export"),

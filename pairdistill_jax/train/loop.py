@@ -18,20 +18,20 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tensorboardX
 import tqdm
 
-from pairdistill_jax import checkpoint, distributed, sharding
+from pairdistill_jax import checkpoint, config_lib, distributed, sharding
 from pairdistill_jax.convert.students import import_student, init_source, tokenizer_dir
 from pairdistill_jax.data import demo, formats, pipeline
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
+from pairdistill_jax.train.metrics_log import MetricsLog
 from pairdistill_jax.train.preemption import PreemptionWatcher
 from pairdistill_jax.train.step import make_train_step
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ArithmeticError):
   """Training produced a non-finite loss or gradient; the state of that step was not applied."""
 
 
@@ -75,33 +75,6 @@ def host_batches(config: ml_collections.ConfigDict, paths: DataPaths, tokenizer,
   return pipeline.train_iterator(config, paths, tokenizer, start_step=start_step)
 
 
-class MetricsWriter:
-  """Window means of the step metrics to metrics.jsonl and TensorBoard (process 0 only)."""
-
-  def __init__(self, workdir: pathlib.Path, enabled: bool):
-    self.enabled = enabled
-    self.history: list[dict] = []
-    if enabled:
-      self._jsonl = open(workdir / "metrics.jsonl", "a")
-      self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-
-  def write(self, step: int, record: dict, section: str = "train") -> None:
-    if section == "train":
-      self.history.append(dict(record, step=step))
-    if not self.enabled:
-      return
-    prefix = "" if section == "train" else f"{section}_"
-    self._jsonl.write(json.dumps({**{prefix + k: v for k, v in record.items()}, "step": step}) + "\n")
-    self._jsonl.flush()
-    for name, value in record.items():
-      self._tb.add_scalar(f"{section}/{name}", value, step)
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           evaluate: Callable[[int, Any], dict] | None = None) -> dict:
   """Trains the student of `config`; returns the run summary (first and last logged windows).
@@ -131,20 +104,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   rng = jax.random.PRNGKey(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
   distributed.assert_same_on_all_hosts(config.to_json_best_effort(), "config")
-  if jax.process_index() == 0:
-    checkpoint.save_model_info(workdir, config, bert_config, paths.tokenizer)
   checkpointer = checkpoint.Checkpointer(workdir, every=config.train.checkpoint_every,
-                                         keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
+                                         keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
+                                         config=config)
   try:
     with jax.set_mesh(mesh):
       state, shardings = state_lib.create(model, tx, config, mesh, init_rng)
       state, data_state = _initial_state(config, workdir, checkpointer, state, shardings, pretrained)
       distributed.assert_same_on_all_hosts(int(state.step), "step to resume from")
+      if jax.process_index() == 0:  # after the checkpoints were found to fit this config
+        checkpoint.save_model_info(workdir, config, bert_config, paths.tokenizer)
       step_fn = make_train_step(model, tx, config, mesh, shardings)
       batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
       batches = host_batches(config, paths, tokenizer, start_step=int(state.step))
       if data_state is not None:
-        batches.set_state(data_state)  # checks the data and its order are those the checkpoint saw
+        try:  # checks the data and its order are those the checkpoint saw
+          batches.set_state(data_state)
+        except ValueError as e:
+          raise config_lib.ConfigError(f"{e} (or use a new --workdir)") from None
       try:
         return _run(config, workdir, state, step_fn, batches, batch_sh, step_rng, checkpointer, evaluate)
       finally:
@@ -171,8 +148,17 @@ def run_settings(config: ml_collections.ConfigDict, bert_config, mesh) -> str:
 
 def _initial_state(config, workdir, checkpointer, state, shardings, pretrained):
   """Resume order: the workdir's newest usable checkpoint, then init.checkpoint / init.pretrained (their
-  weights in `pretrained`), then the random init in `state`. Returns (state, data-iterator state)."""
-  restored = checkpointer.restore_latest(state, shardings)
+  weights in `pretrained`), then the random init in `state`. Returns (state, data-iterator state).
+
+  Checkpoints of another model are refused (CheckpointMismatchError), or with `train.overwrite` deleted."""
+  try:
+    restored = checkpointer.restore_latest(state, shardings)
+  except checkpoint.CheckpointMismatchError as e:
+    if not config.train.overwrite:
+      raise
+    logging.warning("train.overwrite: deleting the checkpoints of another model (%s)", str(e).split(":")[0])
+    checkpointer.delete_all()
+    restored = None
   if restored is not None:
     step, state, data_state = restored
     logging.info("Resuming from %s/%s/%d", workdir, checkpoint.CHECKPOINT_DIR, step)
@@ -190,45 +176,50 @@ def _initial_state(config, workdir, checkpointer, state, shardings, pretrained):
 
 def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, evaluate) -> dict:
   """Steps until train.steps. Each step's metrics are read after the next step is dispatched, so the host
-  prepares batch t+1 while the device computes step t."""
+  prepares batch t+1 while the device computes step t; before a checkpoint is saved, the window up to it is
+  written, so that metrics.jsonl holds every checkpointed step exactly once."""
   t = config.train
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  bar = tqdm.tqdm(total=t.steps, initial=int(state.step), desc="train", unit="step", dynamic_ncols=True,
+  start_step = int(state.step)
+  log = MetricsLog(workdir, start_step, enabled=jax.process_index() == 0)
+  bar = tqdm.tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   window: list[dict] = []
   window_start = time.perf_counter()
 
-  def consume(step: int, metrics, tokens: int) -> None:
+  def write_window(step: int) -> None:
     nonlocal window, window_start
+    if not window:
+      return
+    elapsed = time.perf_counter() - window_start
+    record = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "tokens"}
+    record.update(step_time=elapsed / len(window), queries_per_s=len(window) * t.batch_size / elapsed,
+                  tokens_per_s=sum(w["tokens"] for w in window) / elapsed, window_steps=len(window))
+    log.write(step, record, partial=len(window) < t.log_every)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", pairs=f"{record['pair_agreement']:.3f}")
+    window, window_start = [], time.perf_counter()
+
+  def consume(step: int, metrics, tokens: int) -> None:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not metrics.pop("finite"):
       raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
                                f"grad_norm={metrics['grad_norm']}); that update was not applied")
     window.append(dict(metrics, tokens=tokens))
     bar.update(1)
-    if (step + 1) % t.log_every and step + 1 != t.steps:
-      return
-    elapsed = time.perf_counter() - window_start
-    record = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "tokens"}
-    record.update(step_time=elapsed / len(window), queries_per_s=len(window) * t.batch_size / elapsed,
-                  tokens_per_s=sum(w["tokens"] for w in window) / elapsed)
-    writer.write(step + 1, record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", pairs=f"{record['pair_agreement']:.3f}")
-    window, window_start = [], time.perf_counter()
+    if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+      write_window(step + 1)
 
   pending = None
   preemption = PreemptionWatcher()
   preempted_at = None
   try:
-    for step in range(int(state.step), t.steps):
+    for step in range(start_step, t.steps):
       host = next(batches)
       tokens = int(host["q_mask"].sum() + host["d_mask"].sum()) * jax.process_count()
-      first = pending is None
-      if first:
+      if step == start_step:
         logging.info("Compiling the train step...")
         compile_start = time.perf_counter()
       state, metrics = step_fn(state, sharding.shard_batch(host, batch_sh), rng)
-      if first:
+      if step == start_step:
         logging.info("Compiled the train step in %.1f s", time.perf_counter() - compile_start)
       if pending:
         consume(*pending)
@@ -237,10 +228,15 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
       eval_metrics = None
       if evaluate and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
         eval_metrics = evaluate(done, state.params)
-        writer.write(done, eval_metrics, section="eval")
+        log.write(done, eval_metrics, section="eval")
       stop = preemption.should_stop(done)
+      last = done == t.steps or stop
+      if checkpointer.due(done, last=last):
+        consume(*pending)
+        pending = None
+        write_window(done)
       checkpointer.save(done, state, data_state=batches.get_state(), config=config, metrics=eval_metrics,
-                        last=done == t.steps or stop)
+                        last=last)
       if stop:
         preempted_at = done
         break
@@ -249,10 +245,10 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
   finally:
     preemption.close()
     bar.close()
-    writer.close()
+    log.close()
   if preempted_at is not None:
     logging.warning("Preempted: saved the checkpoint of step %d; run the same command to resume", preempted_at)
-  return dict(summarize(writer.history), preempted_at=preempted_at)
+  return dict(summarize(log.history), steps=int(state.step), started_at=start_step, preempted_at=preempted_at)
 
 
 def summarize(history: list[dict]) -> dict:
@@ -261,5 +257,4 @@ def summarize(history: list[dict]) -> dict:
     return {}
   first, last = history[0], history[-1]
   keys = ("loss", "loss_kd", "loss_pair", "loss_ib", "pair_agreement", "top1_agreement")
-  return {"steps": last["step"], **{f"first_{k}": first[k] for k in keys if k in first},
-          **{f"last_{k}": last[k] for k in keys if k in last}}
+  return {**{f"first_{k}": first[k] for k in keys if k in first}, **{f"last_{k}": last[k] for k in keys if k in last}}

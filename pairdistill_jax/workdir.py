@@ -1,0 +1,152 @@
+"""The workdir's lock: one run at a time writes to a workdir.
+
+`locked(workdir, mode)` creates WORKDIR/.lock exclusively (O_CREAT | O_EXCL, atomic on local disks and on
+NFS) holding the owner's host, pid, mode and start time, refreshes its mtime every `HEARTBEAT_S` seconds
+while it runs, and removes it on exit. A lock left by a dead process is taken over with a warning: on the same
+host when its pid is gone, on another host (a multi-host run's process 0) when it has not been refreshed for
+`STALE_AFTER_S` seconds. Only process 0 of a multi-process run takes the lock; the others follow its outcome.
+Creating the lock is also the check, before any work, that the workdir is writable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import jax
+
+from pairdistill_jax import distributed
+
+LOCK_FILE = ".lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be written, or another live run holds its lock."""
+
+
+def _holder(lock: pathlib.Path) -> dict:
+  """The lock file's owner record (empty when unreadable, e.g. half-written by a killed process)."""
+  try:
+    return json.loads(lock.read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, owned by another user
+    return True
+  return True
+
+
+def _stale_reason(lock: pathlib.Path, holder: dict) -> str:
+  """Why the lock's owner is known to be gone ('' when it may still run)."""
+  try:
+    age = time.time() - lock.stat().st_mtime
+  except FileNotFoundError:
+    return "released meanwhile"
+  if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+    return "" if _pid_alive(holder["pid"]) else f"its process {holder['pid']} is gone"
+  if age > STALE_AFTER_S:
+    return f"not refreshed for {age:.0f} s"
+  return ""
+
+
+def _describe(holder: dict) -> str:
+  if not holder:
+    return "a run whose lock record is unreadable"
+  return (f"--mode={holder.get('mode', '?')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+          f"{holder.get('since', '?')})")
+
+
+def _acquire(workdir: pathlib.Path, mode: str) -> dict:
+  """Creates the lock file; returns the record written. Raises WorkdirError."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
+  lock = workdir / LOCK_FILE
+  record = {"host": socket.gethostname(), "pid": os.getpid(), "mode": mode,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+  for _ in range(3):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _holder(lock)
+      reason = _stale_reason(lock, holder)
+      if not reason:
+        raise WorkdirError(
+            f"the workdir {workdir} is in use by {_describe(holder)}: wait for it to finish, or use another "
+            f"--workdir (if that run is dead, delete {lock})") from None
+      logging.warning("Taking over the lock of %s from %s: %s", workdir, _describe(holder), reason)
+      lock.unlink(missing_ok=True)
+      continue
+    except OSError as e:
+      raise WorkdirError(f"the workdir {workdir} is not writable ({e.strerror or e}): give a writable "
+                               f"--workdir") from None
+    with os.fdopen(fd, "w") as f:
+      json.dump(record, f)
+    return record
+  raise WorkdirError(f"could not take the lock {lock}: other runs keep taking it")
+
+
+def _release(lock: pathlib.Path, record: dict) -> None:
+  """Removes the lock file if it is still ours."""
+  if _holder(lock) == record:
+    lock.unlink(missing_ok=True)
+
+
+def _heartbeat(lock: pathlib.Path, stop: threading.Event) -> None:
+  while not stop.wait(HEARTBEAT_S):
+    with contextlib.suppress(OSError):
+      os.utime(lock)
+
+
+@contextlib.contextmanager
+def locked(workdir: str | os.PathLike, mode: str) -> Iterator[None]:
+  """Holds WORKDIR/.lock (process 0) for the duration; raises WorkdirError on every process when another
+  live run holds it or the workdir is not writable."""
+  workdir = pathlib.Path(workdir)
+  record, error = None, None
+  if jax.process_index() == 0:
+    try:
+      record = _acquire(workdir, mode)
+    except WorkdirError as e:
+      error = e
+  if not distributed.agree(error is None):
+    raise error or WorkdirError(f"process 0 could not lock the workdir {workdir}")
+  if record is None:  # a process other than 0
+    yield
+    return
+  lock, stop = workdir / LOCK_FILE, threading.Event()
+  beat = threading.Thread(target=_heartbeat, args=(lock, stop), name="workdir-lock", daemon=True)
+  beat.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    beat.join()
+    _release(lock, record)
+
+
+def check_writable(directory: pathlib.Path, what: str) -> None:
+  """Creates `directory` if needed and writes a scratch file there; raises WorkdirError if it cannot."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"{what} {directory} is not writable ({e.strerror or e})") from None

@@ -25,11 +25,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-from pairdistill_jax import config_lib, distributed
+from pairdistill_jax import config_lib, distributed, students
+from pairdistill_jax.paths import CHECKPOINT_DIR, MODEL_DIR
+from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.models.bert import BertConfig
 
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
 
 
 class CheckpointMismatchError(config_lib.ConfigError):
@@ -202,8 +202,6 @@ class TrainedModel:
 
 def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> TrainedModel:
   """The student parameters of the workdir's latest (or given) checkpoint, on the host, with its config."""
-  from pairdistill_jax.models.students import make_student  # noqa: PLC0415 (import cycle)
-  from pairdistill_jax.train import state as state_lib  # noqa: PLC0415
 
   workdir = pathlib.Path(workdir)
   info = workdir / MODEL_DIR
@@ -212,7 +210,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
   config = ml_collections.ConfigDict(json.loads((info / "config.json").read_text()))
   bert_config = BertConfig(**json.loads((info / "bert_config.json").read_text()))
   checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
-  model = make_student(config.model, bert_config)
+  model = students.make_student(config.model, bert_config)
   tx = state_lib.optimizer(config)
   init = functools.partial(state_lib.init_boxed, model, tx, config)
   like = nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))

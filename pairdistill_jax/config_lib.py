@@ -12,10 +12,10 @@ from typing import Any
 import ml_collections
 
 from pairdistill_jax.data import formats
+from pairdistill_jax.errors import ConfigError
+from pairdistill_jax.models.bert import ATTENTION_KERNELS, COMPUTE_DTYPES, REMAT_POLICIES
+from pairdistill_jax.students import registry as students
 
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")  # models.bert
-ATTENTION_KERNELS = ("einsum", "dot_product_attention")
 # Logical parameter/activation axis -> mesh axes (DESIGN §4); configs copy this and may change it.
 SHARDING_RULES = [("batch", ["data", "fsdp"]), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
                   ("vocab", "tensor")]
@@ -31,10 +31,6 @@ def bert_demo() -> dict:
   """A tiny BERT for the CPU demo; vocab_size is replaced by the demo vocabulary's size."""
   return dict(vocab_size=0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message says which field and what to change."""
 
 
 def data_fields(nway: int) -> dict:
@@ -69,21 +65,26 @@ def benchmark_fields() -> dict:
               teacher_passage_words=60)
 
 
+def search_fields() -> dict:
+  """How evaluation and mining encode and search a collection (see eval_fields)."""
+  return dict(query_maxlen=0, doc_maxlen=0, batch_size=128, chunk_size=16_384, index="auto", nprobe=32,
+              faiss_depth=1024, exact_max_tokens=20_000_000, vector_dtype="float32", corpus_dir="")
+
+
 def eval_fields() -> dict:
   """What --mode=evaluate (and the periodic dev evaluation) runs on; paths may use {workdir}.
 
   format 'tsv' (MS MARCO / LoTTE files) or 'beir' (collection = the dataset directory, qrels/<split>.tsv);
-  maxlens 0 keep the model's (BEIR: --config.eval.doc_maxlen=300); index auto|exact|ivfpq for ColBERT
+  the search fields (search_fields): maxlens 0 keep the model's (BEIR: --config.eval.doc_maxlen=300); index
+  auto|exact|ivfpq for ColBERT
   (auto: exact up to exact_max_tokens document tokens, then ColBERTv1 IVF-PQ candidates + exact MaxSim),
   auto|flat|ivfpq for DPR (auto: flat); vector_dtype: how the corpus vectors are stored, float32 (exact) or
   float16 (half the disk and memory for big collections; moves the scores by about 1e-3); corpus_dir: where
   the corpus embeddings are kept ('' = WORKDIR/eval/corpus; may use {workdir}): mining and evaluating one
   model may share it (mine.corpus_dir), so the collection is encoded once.
   """
-  return dict(collection="", queries="", qrels="", format="tsv", split="test", k=1000, query_maxlen=0,
-              doc_maxlen=0, batch_size=128, chunk_size=16_384,
-              metrics="nDCG@10,RR@10,R@50,R@100,R@200,R@1000,Success@5", index="auto", nprobe=32,
-              faiss_depth=1024, exact_max_tokens=20_000_000, vector_dtype="float32", corpus_dir="")
+  return dict(collection="", queries="", qrels="", format="tsv", split="test", k=1000,
+              metrics="nDCG@10,RR@10,R@50,R@100,R@200,R@1000,Success@5", **search_fields())
 
 
 def demo_eval_fields() -> dict:
@@ -96,15 +97,13 @@ def demo_eval_fields() -> dict:
 def mine_fields() -> dict:
   """--mode=mine: the top-k passages of each training query (data.queries / data.collection unless set).
 
-  model: the retriever ('' = the workdir's checkpoint, else init.checkpoint / init.pretrained); the rest as
-  in eval_fields. The run goes to `output` (may use {workdir}); query_block queries are encoded and searched
+  model: the retriever ('' = the workdir's checkpoint, else init.checkpoint / init.pretrained); the search
+  fields as in eval_fields. The run goes to `output` (may use {workdir}); query_block queries are encoded and searched
   at a time; the corpus embeddings (in corpus_dir, '' = beside the run; resumable) are deleted afterwards
   unless keep_corpus, or kept for a retriever teacher that is this model (scoring reuses, then deletes them).
   """
-  return dict(queries="", collection="", output="{workdir}/mine/run.trec", model="", k=100, query_maxlen=0,
-              doc_maxlen=0, batch_size=128, chunk_size=16_384, index="auto", nprobe=32, faiss_depth=1024,
-              exact_max_tokens=20_000_000, vector_dtype="float32", query_block=16_384, keep_corpus=False,
-              corpus_dir="")
+  return dict(queries="", collection="", output="{workdir}/mine/run.trec", model="", k=100, query_block=16_384,
+              keep_corpus=False, **search_fields())
 
 
 def _teacher(kind: str, max_length: int, batch_per_device: int) -> dict:
@@ -197,20 +196,20 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         raise ConfigError(f"config argument {key!r} needs a value: {key}=...")
       result[key] = True
       continue
-    result[key] = _convert(key, raw.strip(), default)
+    result[key] = typed_value(f"config argument {key}", raw.strip(), default)
   return result
 
 
-def _convert(key: str, raw: str, default: Any) -> Any:
-  if isinstance(default, bool):
+def typed_value(name: str, raw: str, like: Any) -> Any:
+  """The string `raw` given for `name` as a value of the type of `like` (true/false/1/0 for booleans)."""
+  if isinstance(like, bool):
     if raw.lower() not in ("true", "false", "1", "0"):
-      raise ConfigError(f"config argument {key}={raw!r}: expected true or false")
+      raise ConfigError(f"{name}={raw!r}: expected true or false")
     return raw.lower() in ("true", "1")
   try:
-    return type(default)(raw)
+    return type(like)(raw)
   except ValueError:
-    raise ConfigError(
-        f"config argument {key}={raw!r}: expected a {type(default).__name__}") from None
+    raise ConfigError(f"{name}={raw!r}: expected a {type(like).__name__}") from None
 
 
 def _require(ok: bool, message: str) -> None:
@@ -221,7 +220,7 @@ def _require(ok: bool, message: str) -> None:
 def data_source(config: ml_collections.ConfigDict, path: str, field: str) -> formats.TextSource:
   """The collection ('docs') or query set ('queries') at `path`, read with data.split and the student's
   data.title_separator."""
-  separator = formats.title_separator(config.data.title_separator, config.model.kind)
+  separator = students.title_separator(config.data.title_separator, config.model.kind)
   return formats.text_source(path, field, split=config.data.split, title_separator=separator)
 
 
@@ -267,9 +266,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
   need_data=False skips the data files (the benchmark trains on synthetic batches).
   """
   m, t, d, loss, o = config.model, config.train, config.data, config.loss, config.optim
-  _require(m.kind in ("colbert", "dpr"), f"model.kind must be 'colbert' or 'dpr', got {m.kind!r}")
-  _require(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
-  _require(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {m.remat!r}")
+  student = students.get(m.kind)
+  _require(m.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}, got {m.dtype!r}")
+  _require(m.remat in REMAT_POLICIES, f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {m.remat!r}")
   _require(m.attention in ATTENTION_KERNELS,
            f"model.attention must be one of {ATTENTION_KERNELS}, got {m.attention!r}")
   _require(m.attention == "einsum" or m.bert.attention_probs_dropout_prob == 0,
@@ -277,8 +276,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
            f"--config.model.bert.attention_probs_dropout_prob=0 or --config.model.attention=einsum")
   _require(m.query_maxlen >= 3, f"model.query_maxlen={m.query_maxlen} leaves no room for query tokens")
   _require(m.doc_maxlen >= 4, f"model.doc_maxlen={m.doc_maxlen} leaves no room for document tokens")
-  if m.kind == "dpr":
-    _require(m.pooling in ("cls", "mean"), f"model.pooling must be 'cls' or 'mean', got {m.pooling!r}")
   _require(d.nway >= 2, f"data.nway must be at least 2, got {d.nway}")
   _require(d.max_pairs >= 0, f"data.max_pairs must be >= 0, got {d.max_pairs}")
   _require(d.num_workers >= 0 and d.prefetch >= 0,
@@ -296,17 +293,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
   _require(micro % batch_shards == 0,
            f"micro-batch {micro} (train.batch_size / train.grad_accum) is not divisible by the "
            f"{batch_shards} batch shards of mesh {axes}: change train.batch_size or mesh.data/mesh.fsdp")
-  if m.kind == "colbert" and loss.in_batch:
-    group = micro if loss.in_batch_group == -1 else loss.in_batch_group
-    _require(group >= 1 and micro % group == 0,
-             f"loss.in_batch_group={loss.in_batch_group} must divide the micro-batch {micro} "
-             f"(or be -1 for the whole micro-batch)")
-  if m.kind == "dpr":
-    _require(loss.dpr_workers >= 0 and micro % max(loss.dpr_workers, 1) == 0,
-             f"loss.dpr_workers={loss.dpr_workers} must be >= 0 and divide the micro-batch {micro} "
-             f"(0: the exact gradient of the global loss)")
-  if m.kind == "colbert":
-    _require(loss.maxsim_chunk >= 0, f"loss.maxsim_chunk must be >= 0 (0: unchunked), got {loss.maxsim_chunk}")
+  student.validate(config, micro)
   _require(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
   _require(loss.kd_weight >= 0 and loss.pair_alpha >= 0,
            f"loss.kd_weight and loss.pair_alpha must be >= 0, got {loss.kd_weight} and {loss.pair_alpha}")

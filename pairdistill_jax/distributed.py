@@ -1,4 +1,5 @@
-"""Multi-host set-up: `jax.distributed` initialisation, process-0 logging, cross-host agreement checks.
+"""Multi-host set-up: `jax.distributed` initialisation, process-0 logging, cross-host agreement checks,
+process 0's decisions shared with every process.
 
 On TPU pods and SLURM clusters JAX finds the coordinator itself; elsewhere pass --coordinator_address,
 --num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
@@ -63,6 +64,6 @@ def from_process_0(value: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
-def agree(flag: bool) -> bool:
+def process_0_decides(flag: bool) -> bool:
   """Process 0's `flag` on every process: decisions that read files stay the same everywhere."""
   return bool(from_process_0(np.int32(flag)))

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
+from pairdistill_jax.data.batching import TARGET_KEYS
+
 # Logit given to excluded slots: exp(_EXCLUDED - max) is exactly 0 in float32, and it stays finite.
 _EXCLUDED = -1e30
-BATCH_KEYS = ("teacher", "passage_mask", "pair_i", "pair_j", "pair_logp", "pair_mask")
 
 
 def _masked_log_softmax(logits_BxK: jax.Array, mask_BxK: jax.Array) -> jax.Array:
@@ -165,9 +166,9 @@ def _ranking_metrics(student_BxN: jax.Array, batch: Mapping[str, jax.Array]) -> 
 
 
 def _check_inputs(batch: Mapping[str, jax.Array], temperature: float) -> None:
-  missing = [key for key in BATCH_KEYS if key not in batch]
+  missing = [key for key in TARGET_KEYS if key not in batch]
   if missing:
-    raise KeyError(f"loss batch lacks {missing}; it needs all of {list(BATCH_KEYS)}.")
+    raise KeyError(f"loss batch lacks {missing}; it needs all of {list(TARGET_KEYS)}.")
   if not temperature > 0:
     raise ValueError(f"loss.temperature must be > 0; got {temperature}.")
 

@@ -148,13 +148,13 @@ def _run_locked(config, mode: str) -> int:
 
 def run_teacher_stage(config, workdir: str, mode: str) -> int:
   """--mode=mine or --mode=score over the training queries and collection (the demo's under :demo)."""
+  from pairdistill_jax import paths  # noqa: PLC0415
   from pairdistill_jax.teachers import mining, rounds, score  # noqa: PLC0415
-  from pairdistill_jax.train import loop  # noqa: PLC0415
 
   section = "mine" if mode == "mine" else "teacher"
   stage = config[section]
-  paths = loop.data_paths(config, pathlib.Path(workdir))
-  queries, collection = stage.queries or paths.queries, stage.collection or paths.collection
+  data = paths.data_paths(config, workdir)
+  queries, collection = stage.queries or data.queries, stage.collection or data.collection
   try:
     for field, path in (("queries", queries), ("collection", collection)):
       if not path:
@@ -197,12 +197,13 @@ def _load_trained(workdir: str, mode: str, hint: str = ""):
 
 def run_export(workdir: str) -> int:
   """--mode=export: the latest checkpoint as PyTorch serving directories."""
-  from pairdistill_jax.convert import export  # noqa: PLC0415
+  from pairdistill_jax import students  # noqa: PLC0415
 
   trained = _load_trained(workdir, "export")
   out = _EXPORT_DIR.value or os.path.join(workdir, "export")
   if jax.process_index() == 0:
-    export.export_trained(trained, out)
+    students.get(trained.config.model.kind).export(pathlib.Path(out), trained.bert_config, trained.params,
+                                                   trained.tokenizer_dir, trained.config.model)
     print(f"exported {trained.config.model.kind} (step {trained.step}) to {out}: "
           f"{', '.join(sorted(os.listdir(out)))}")
   return 0
@@ -223,10 +224,10 @@ def run_benchmark(config, workdir: str) -> int:
 def run_evaluate(config, workdir: str) -> int:
   """--mode=evaluate: the latest checkpoint (or --model_dir, or --init) on config.eval; prints the metrics
   table. Data that cannot be evaluated (ValueError: no judged query or relevant document found) is one line."""
-  from pairdistill_jax.retrieval import evaluate  # noqa: PLC0415
+  from pairdistill_jax.retrieval import eval_data, evaluate  # noqa: PLC0415
 
   try:
-    evaluate.check_eval_config(config.eval)
+    eval_data.check_eval_config(config.eval)
   except ValueError as e:
     fail(f"invalid config: {e}")
   if _INIT.value:

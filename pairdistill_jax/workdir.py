@@ -126,7 +126,7 @@ def locked(workdir: str | os.PathLike, mode: str) -> Iterator[None]:
       record = _acquire(workdir, mode)
     except WorkdirError as e:
       error = e
-  if not distributed.agree(error is None):
+  if not distributed.process_0_decides(error is None):
     raise error or WorkdirError(f"process 0 could not lock the workdir {workdir}")
   if record is None:  # a process other than 0
     yield

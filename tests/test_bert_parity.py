@@ -129,15 +129,15 @@ def test_minilm_matches_torch(minilm_dir):
 def test_remat_same_names_outputs_and_gradients(small):
   _, params, batch = small
   assert jax.tree.structure(_init_shapes(SMALL)) == jax.tree.structure(
-      _init_shapes(SMALL, remat=True))
+      _init_shapes(SMALL, remat="full"))
 
   def loss(p, remat):
     hidden, pooled = _apply(p, batch, remat=remat)
     return jnp.sum(jnp.sin(hidden)) + jnp.sum(pooled**2)
 
   value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-  value, grads = value_and_grad(params, False)
-  value_remat, grads_remat = value_and_grad(params, True)
+  value, grads = value_and_grad(params, "none")
+  value_remat, grads_remat = value_and_grad(params, "full")
   np.testing.assert_allclose(value_remat, value, rtol=1e-6)
   for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
     np.testing.assert_allclose(g_remat, g, rtol=1e-5, atol=1e-5)
@@ -187,7 +187,7 @@ EXPECTED_AXES = {
 }
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", ["none", "full"])
 def test_every_parameter_has_the_design_logical_axes(remat):
   leaves = jax.tree_util.tree_flatten_with_path(
       _init_shapes(SMALL, remat=remat), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]

@@ -7,7 +7,7 @@ import numpy as np
 
 from pairdistill_jax import checkpoint, sharding
 from pairdistill_jax.models.bert import BertConfig
-from pairdistill_jax.models.students import make_student
+from pairdistill_jax.students import make_student
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train.step import make_train_step
 from test_train_step import random_batch, tiny_config

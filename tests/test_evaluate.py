@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import configs.dpr
-from pairdistill_jax.convert import export
+from pairdistill_jax.students import colbert
 from pairdistill_jax.data import demo, formats
-from pairdistill_jax.retrieval import evaluate, metrics
+from pairdistill_jax.retrieval import eval_data, evaluate, metrics, retrieve
 from test_export import random_student
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,9 +64,9 @@ def test_unknown_metric_is_named():
 def test_hits_to_run_drops_the_query_itself_and_padding_and_keeps_k():
   scores = np.array([[3.0, 2.0, 1.0, -np.inf]])
   ids = np.array([[1, 0, 2, -1]])
-  run = evaluate.hits_to_run(["x"], ["x", "y", "z"], scores, ids, k=2, drop_self=True)
+  run = retrieve.hits_to_run(["x"], ["x", "y", "z"], scores, ids, k=2, drop_self=True)
   assert run == {"x": {"y": 3.0, "z": 1.0}}
-  assert evaluate.hits_to_run(["x"], ["x", "y", "z"], scores, ids, k=2, drop_self=False) == {
+  assert retrieve.hits_to_run(["x"], ["x", "y", "z"], scores, ids, k=2, drop_self=False) == {
       "x": {"y": 3.0, "x": 2.0}}
 
 
@@ -88,11 +88,11 @@ def write_beir(root: pathlib.Path, docs: dict, queries: dict, qrels: dict, title
 def test_load_beir_keeps_judged_queries_and_drops_self_hits(tmp_path):
   write_beir(tmp_path / "beir", {"a": "x", "b": "y"}, {"a": "qa", "q2": "qq", "q3": "unjudged"},
              {"a": {"b": 1}, "q2": {"a": 1}}, titles={"b": "Tb"})
-  data = evaluate.load_data(eval_config(format="beir", collection="{workdir}/beir"), tmp_path, title_separator=" ")
+  data = eval_data.load_data(eval_config(format="beir", collection="{workdir}/beir"), tmp_path, title_separator=" ")
   assert data.queries == {"a": "qa", "q2": "qq"} and data.drop_self
   assert data.collection == {"a": "x", "b": "Tb y"}
   corpus_file = eval_config(format="beir", collection="{workdir}/beir/corpus.jsonl")
-  assert evaluate.load_data(corpus_file, tmp_path, title_separator=" | ").collection == {"a": "x", "b": "Tb | y"}
+  assert eval_data.load_data(corpus_file, tmp_path, title_separator=" | ").collection == {"a": "x", "b": "Tb | y"}
 
 
 def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog):
@@ -100,7 +100,7 @@ def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog
   formats.write_queries(tmp_path / "questions.tsv", {"7": "which?"})
   (tmp_path / "qas.jsonl").write_text(json.dumps({"qid": 7, "query": "which?", "answer_pids": [1, 0]}) + "\n"
                                       + json.dumps({"qid": 8, "query": "lost", "answer_pids": [0]}) + "\n")
-  data = evaluate.load_data(eval_config(collection=str(tmp_path / "collection.tsv"),
+  data = eval_data.load_data(eval_config(collection=str(tmp_path / "collection.tsv"),
                                         queries=str(tmp_path / "questions.tsv"), qrels=str(tmp_path / "qas.jsonl")),
                             tmp_path, title_separator=" | ")
   assert data.qrels == {"7": {"1": 1, "0": 1}, "8": {"0": 1}} and data.queries == {"7": "which?"}
@@ -119,7 +119,7 @@ def write_tsv_eval(root: pathlib.Path, qrels: dict, queries: dict | None = None)
 
 def test_load_data_counts_relevant_documents_missing_from_the_collection(tmp_path, caplog):
   qrels = {"q1": {"0": 1, "9": 1}, "q2": {"1": 2}, "q3": {"8": 1, "7": 0}}
-  data = evaluate.load_data(eval_config(**write_tsv_eval(tmp_path, qrels)), tmp_path, title_separator=" | ")
+  data = eval_data.load_data(eval_config(**write_tsv_eval(tmp_path, qrels)), tmp_path, title_separator=" | ")
   assert data.qrels == qrels and set(data.queries) == {"q1", "q2", "q3"}
   # Relevant: 0, 9, 1, 8; not in the collection: 9 (for q1) and 8 (for q3); 7 is judged not relevant.
   assert (f"2 of 4 relevant documents of {tmp_path / 'qrels.tsv'} (for 2 of 3 judged queries) are not in the "
@@ -134,14 +134,14 @@ def test_load_data_counts_relevant_documents_missing_from_the_collection(tmp_pat
 ])
 def test_load_data_refuses_qrels_that_do_not_belong_to_the_collection_or_queries(tmp_path, qrels, queries, message):
   with pytest.raises(ValueError, match=message):
-    evaluate.load_data(eval_config(**write_tsv_eval(tmp_path, qrels, queries)), tmp_path, title_separator=" | ")
+    eval_data.load_data(eval_config(**write_tsv_eval(tmp_path, qrels, queries)), tmp_path, title_separator=" | ")
 
 
 def test_empty_lotte_qas_is_a_format_error(tmp_path):
   fields = write_tsv_eval(tmp_path, {"q1": {"0": 1}})
   (tmp_path / "qas.jsonl").write_text("\n")
   with pytest.raises(formats.FormatError, match="qas.jsonl:1: no questions"):
-    evaluate.load_data(eval_config(**fields | {"qrels": str(tmp_path / "qas.jsonl")}), tmp_path,
+    eval_data.load_data(eval_config(**fields | {"qrels": str(tmp_path / "qas.jsonl")}), tmp_path,
                        title_separator=" | ")
 
 
@@ -154,7 +154,7 @@ def test_empty_lotte_qas_is_a_format_error(tmp_path):
 ])
 def test_bad_eval_config_names_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
-    evaluate.check_eval_config(eval_config(**fields))
+    eval_data.check_eval_config(eval_config(**fields))
 
 
 DOCS = {"cat": "The cat sat on the warm windowsill and purred.",
@@ -201,8 +201,8 @@ def test_retrieval_in_query_blocks_equals_one_block(minilm_dir, tmp_path):
   encoder = encoders.from_model_dir(minilm_dir)
   collection = {d: f"{t} {d}" for d, t in DOCS.items()}
   e = eval_config(k=4, batch_size=8)
-  whole = dict(evaluate.retrieve(encoder, collection, QUERIES, e, tmp_path / "corpus").run)
-  blocks = evaluate.retrieve(encoder, collection, QUERIES, e, tmp_path / "corpus", query_block=2)
+  whole = dict(retrieve.retrieve(encoder, collection, QUERIES, e, tmp_path / "corpus").run)
+  blocks = retrieve.retrieve(encoder, collection, QUERIES, e, tmp_path / "corpus", query_block=2)
   assert list(blocks.run) == list(whole.items()) and len(whole) == len(QUERIES)
   assert blocks.seconds["search"] > 0
 
@@ -211,8 +211,8 @@ def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
   demo.generate(tmp_path / "demo_data")
   tokenizer_dir = tmp_path / "demo_data" / "tokenizer"
   config, bert_config, params, _ = random_student(tmp_path, "colbert", tokenizer_dir=tokenizer_dir)
-  settings = export.ColBERTSettings.from_model_config(config.model)
-  model_dir = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings,
+  settings = colbert.ColBERTSettings.from_model_config(config.model)
+  model_dir = colbert.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings,
                                     pylate=False) / "colbert"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   result = subprocess.run(

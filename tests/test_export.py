@@ -18,11 +18,11 @@ from flax import traverse_util
 
 import configs.colbert
 import configs.dpr
-from pairdistill_jax.convert import export, hf_io
+from pairdistill_jax.convert import hf_io
 from pairdistill_jax.data import demo
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 from pairdistill_jax.models.bert import BertConfig
-from pairdistill_jax.models.students import make_student
+from pairdistill_jax.students import colbert, dpr, make_student
 
 WORDS = ("apple banana cherry delta echo falcon garden harbor island jungle kettle lemon mango nectar ocean "
          "pepper quartz river salmon tiger umbrella violet walnut xenon yellow zebra").split()
@@ -83,8 +83,8 @@ def load_strict(module: torch.nn.Module, path: pathlib.Path) -> None:
 
 def test_colbert_stanford_export_loads_in_transformers_with_equal_embeddings(tmp_path):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert")
-  settings = export.ColBERTSettings.from_model_config(config.model)
-  out = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings) / "colbert"
+  settings = colbert.ColBERTSettings.from_model_config(config.model)
+  out = colbert.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings) / "colbert"
 
   hf_config = transformers.BertConfig.from_pretrained(out)
   assert hf_config.architectures == ["HF_ColBERT"]
@@ -110,8 +110,8 @@ def test_colbert_stanford_export_loads_in_transformers_with_equal_embeddings(tmp
 
 def test_pylate_export_has_native_layout_and_equal_embeddings(tmp_path):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert", seed=1)
-  settings = export.ColBERTSettings.from_model_config(config.model)
-  out = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings) / "pylate"
+  settings = colbert.ColBERTSettings.from_model_config(config.model)
+  out = colbert.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings) / "pylate"
 
   modules = json.loads((out / "modules.json").read_text())
   assert [(m["path"], m["type"]) for m in modules] == [("", "sentence_transformers.models.Transformer"),
@@ -140,11 +140,11 @@ def test_pylate_export_has_native_layout_and_equal_embeddings(tmp_path):
 def test_dpr_sentence_transformers_export_gives_the_jax_embeddings(tmp_path, pooling, normalize):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "dpr", pooling=pooling, normalize=normalize)
   m = config.model
-  out = export.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling=pooling,
+  out = dpr.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling=pooling,
                           query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen, normalize=normalize)
   tok = DPRTokenizer(load_tokenizer(tokenizer_dir), query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
-  for directory, which, tokens in ((export.QUERY_ST_DIR, "query", tok.encode_queries(TEXTS)),
-                                   (export.PASSAGE_ST_DIR, "doc", tok.encode_docs(TEXTS))):
+  for directory, which, tokens in ((dpr.QUERY_ST_DIR, "query", tok.encode_queries(TEXTS)),
+                                   (dpr.PASSAGE_ST_DIR, "doc", tok.encode_docs(TEXTS))):
     model = sentence_transformers.SentenceTransformer(str(out / directory), device="cpu")
     assert model.similarity_fn_name == ("cosine" if normalize else "dot")
     assert model.max_seq_length == (m.query_maxlen if which == "query" else m.doc_maxlen)
@@ -155,18 +155,18 @@ def test_dpr_sentence_transformers_export_gives_the_jax_embeddings(tmp_path, poo
     assert np.abs(got - expected).max() <= 1e-5
     if normalize:  # the student's own vectors are unit vectors, and the export ends in a Normalize module
       np.testing.assert_allclose(np.linalg.norm(expected, axis=-1), 1.0, atol=1e-5)
-  assert (out / export.DPR_QUESTION_DIR).exists() == (pooling == "cls" and not normalize)
+  assert (out / dpr.DPR_QUESTION_DIR).exists() == (pooling == "cls" and not normalize)
 
 
 def test_dpr_transformers_encoders_give_the_cls_vectors(tmp_path):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "dpr", pooling="cls")
   m = config.model
-  out = export.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling="cls",
+  out = dpr.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling="cls",
                           query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
   tok = DPRTokenizer(load_tokenizer(tokenizer_dir), query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
   tokens = tok.encode_docs(TEXTS)
-  for directory, cls, which in ((export.DPR_QUESTION_DIR, transformers.DPRQuestionEncoder, "query"),
-                                (export.DPR_CONTEXT_DIR, transformers.DPRContextEncoder, "doc")):
+  for directory, cls, which in ((dpr.DPR_QUESTION_DIR, transformers.DPRQuestionEncoder, "query"),
+                                (dpr.DPR_CONTEXT_DIR, transformers.DPRContextEncoder, "doc")):
     dpr_config = transformers.DPRConfig.from_pretrained(out / directory)
     assert (dpr_config.query_length, dpr_config.document_length) == (m.query_maxlen, m.doc_maxlen)
     model = cls(dpr_config).eval()
@@ -175,8 +175,8 @@ def test_dpr_transformers_encoders_give_the_cls_vectors(tmp_path):
       got = model(input_ids=torch.from_numpy(tokens["ids"]).long(),
                   attention_mask=torch.from_numpy(tokens["mask"]).long()).pooler_output.numpy()
     assert np.abs(got - jax_encode(config, bert_config, params, which, tokens)).max() <= 1e-5
-  query_weights = safetensors.torch.load_file(out / export.DPR_QUESTION_DIR / "model.safetensors")
-  passage_weights = safetensors.torch.load_file(out / export.DPR_CONTEXT_DIR / "model.safetensors")
+  query_weights = safetensors.torch.load_file(out / dpr.DPR_QUESTION_DIR / "model.safetensors")
+  passage_weights = safetensors.torch.load_file(out / dpr.DPR_CONTEXT_DIR / "model.safetensors")
   key = "embeddings.word_embeddings.weight"
   assert not torch.equal(query_weights[f"question_encoder.bert_model.{key}"],
                          passage_weights[f"ctx_encoder.bert_model.{key}"])  # the two towers, not one twice
@@ -185,32 +185,32 @@ def test_dpr_transformers_encoders_give_the_cls_vectors(tmp_path):
 def test_shared_tower_dpr_exports_one_encoder_for_both_roles(tmp_path):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "dpr", shared_towers=True)
   assert set(params) == {"encoder"}
-  out = export.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling="mean",
+  out = dpr.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling="mean",
                           query_maxlen=16, doc_maxlen=48)
-  query = safetensors.torch.load_file(out / export.QUERY_ST_DIR / "model.safetensors")
-  passage = safetensors.torch.load_file(out / export.PASSAGE_ST_DIR / "model.safetensors")
+  query = safetensors.torch.load_file(out / dpr.QUERY_ST_DIR / "model.safetensors")
+  passage = safetensors.torch.load_file(out / dpr.PASSAGE_ST_DIR / "model.safetensors")
   assert all(torch.equal(query[k], passage[k]) for k in query)
 
 
 def test_failed_export_leaves_the_previous_one_and_no_temporary_files(tmp_path):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert")
-  settings = export.ColBERTSettings.from_model_config(config.model)
+  settings = colbert.ColBERTSettings.from_model_config(config.model)
   target = tmp_path / "export"
-  export.export_colbert(target, bert_config, params, tokenizer_dir, settings)
+  colbert.export_colbert(target, bert_config, params, tokenizer_dir, settings)
   before = (target / "colbert" / "model.safetensors").read_bytes()
   empty = tmp_path / "no_tokenizer"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no tokenizer files"):
-    export.export_colbert(target, bert_config, params, empty, settings)
+    colbert.export_colbert(target, bert_config, params, empty, settings)
   assert (target / "colbert" / "model.safetensors").read_bytes() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", "no_tokenizer", tokenizer_dir.name])
 
 
 def test_wrong_projection_shape_is_reported(tmp_path):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert")
-  settings = export.ColBERTSettings(dim=16)
+  settings = colbert.ColBERTSettings(dim=16)
   with pytest.raises(ValueError, match=r"linear kernel has shape \(64, 32\), expected \(64, 16\)"):
-    export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings)
+    colbert.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings)
 
 
 PYLATE_LOAD = """
@@ -237,8 +237,8 @@ np.savez(sys.argv[3], queries=queries, docs=docs.float().numpy(), doclens=doclen
 
 @pytest.mark.slow
 @pytest.mark.parametrize("library, variable, loader, directories", [
-    ("PyLate", "PYLATE_PYTHON", PYLATE_LOAD, (export.COLBERT_DIR, export.PYLATE_DIR)),
-    ("colbert-ai", "COLBERT_AI_PYTHON", COLBERT_AI_LOAD, (export.COLBERT_DIR,)),
+    ("PyLate", "PYLATE_PYTHON", PYLATE_LOAD, (colbert.COLBERT_DIR, colbert.PYLATE_DIR)),
+    ("colbert-ai", "COLBERT_AI_PYTHON", COLBERT_AI_LOAD, (colbert.COLBERT_DIR,)),
 ])
 def test_colbert_libraries_load_the_export_with_equal_embeddings(tmp_path, library, variable, loader,
                                                                  directories):
@@ -248,8 +248,8 @@ def test_colbert_libraries_load_the_export_with_equal_embeddings(tmp_path, libra
     pytest.skip(f"set {variable} to a python that has {library} installed (make check-colbert-libs)")
   python = os.path.abspath(os.environ[variable])
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert", seed=5)
-  settings = export.ColBERTSettings.from_model_config(config.model)
-  out = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings)
+  settings = colbert.ColBERTSettings.from_model_config(config.model)
+  out = colbert.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings)
   queries, docs = colbert_tokens(config, tokenizer_dir)
   expected_queries = jax_encode(config, bert_config, params, "query", queries)
   doc_vectors = jax_encode(config, bert_config, params, "doc", docs)

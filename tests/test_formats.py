@@ -6,8 +6,11 @@ import os
 
 import pytest
 
+from pairdistill_jax import students
 from pairdistill_jax.data import formats
 from pairdistill_jax.data.formats import FormatError, TrainingExample
+
+import data_helpers
 
 SUFFIXES = ["", ".gz"]
 
@@ -347,16 +350,16 @@ def test_beir_corpus_and_queries(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_beir_writers_round_trip(tmp_path, suffix):
   corpus = tmp_path / f"corpus.jsonl{suffix}"
-  formats.write_beir_corpus(corpus, {"4983": {"title": "Micro", "text": "Alterations."},
+  data_helpers.write_beir_corpus(corpus, {"4983": {"title": "Micro", "text": "Alterations."},
                                      "12": {"text": "No title, caf\u00e9."}})
   assert _read_bytes(corpus) == (b'{"_id": "4983", "title": "Micro", "text": "Alterations."}\n'
                                  b'{"_id": "12", "title": "", "text": "No title, caf\\u00e9."}\n')
   assert formats.read_beir_corpus(corpus) == {"4983": "Micro | Alterations.", "12": "No title, caf\u00e9."}
   queries = tmp_path / f"queries.jsonl{suffix}"
-  formats.write_beir_queries(queries, {"0": "what?", "q1": "why\tnot"})
+  data_helpers.write_beir_queries(queries, {"0": "what?", "q1": "why\tnot"})
   assert formats.read_beir_queries(queries) == {"0": "what?", "q1": "why\tnot"}
   with pytest.raises(ValueError, match="document 'x' has no 'text'"):
-    formats.write_beir_corpus(tmp_path / "bad.jsonl", {"x": {"title": "t"}})
+    data_helpers.write_beir_corpus(tmp_path / "bad.jsonl", {"x": {"title": "t"}})
   assert not (tmp_path / "bad.jsonl").exists()
 
 
@@ -535,11 +538,11 @@ def test_text_source_names_a_bad_path_and_the_accepted_formats(tmp_path, make, f
 
 
 def test_title_separator_per_student_kind(tmp_path):
-  assert formats.title_separator("auto", "colbert") == " | "
-  assert formats.title_separator("auto", "dpr") == " "
-  assert formats.title_separator(" - ", "dpr") == " - "
-  with pytest.raises(ValueError, match="no default title separator for model kind 'splade'"):
-    formats.title_separator("auto", "splade")
+  assert students.title_separator("auto", "colbert") == " | "
+  assert students.title_separator("auto", "dpr") == " "
+  assert students.title_separator(" - ", "dpr") == " - "
+  with pytest.raises(ValueError, match="model.kind='splade' is not a registered student kind"):
+    students.title_separator("auto", "splade")
   tsv = _write_bytes(tmp_path / "collection.tsv", b"id\ttext\ttitle\n1\ttext one\tTitle\n2\ttext two\n")
   beir = _beir_dir(tmp_path / "beir")
   for separator, tsv_text, beir_text in ((" | ", "Title | text one", "Cats | They purr."),

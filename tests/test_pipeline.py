@@ -14,6 +14,8 @@ from pairdistill_jax.data import batching, formats, pipeline, store
 from pairdistill_jax.data.formats import FormatError, TrainingExample
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 
+import data_helpers
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NWAY, MAX_PAIRS, LINES, BATCH = 6, 5, 37, 8  # 4 steps per epoch, 5 lines left over
 WORDS = "protein water cell , . ! boils folds under heat ; light ( fast ) why how 42".split()
@@ -103,7 +105,7 @@ def test_store_batches_equal_tokenised_batches(data, kind):
   iterator = _iterator(data, tokenizer)
   for batch in _take(iterator, 5):
     examples = [data.examples[k] for k in _line_ids(batch)]
-    expected = batching.make_batch(examples, data.collection, data.queries, tokenizer, nway=NWAY,
+    expected = data_helpers.make_batch(examples, data.collection, data.queries, tokenizer, nway=NWAY,
                                    max_pairs=MAX_PAIRS)
     _assert_batches_equal(batch, expected)
   assert ("d_score_mask" in batch) == (kind == "colbert")
@@ -247,12 +249,13 @@ def test_compiled_training_set_is_reused(data, monkeypatch):
 
 
 def test_training_loop_reads_the_demo_through_the_pipeline(tmp_path):
-  from pairdistill_jax.train import loop
+  from pairdistill_jax import paths as paths_lib
+  from pairdistill_jax.data.tokenization import student_tokenizer
 
   config = _config()
   config.data.update(nway=8, max_pairs=4)
-  paths = loop.data_paths(config, tmp_path)
-  batches = loop.host_batches(config, paths, loop.make_tokenizer(config, paths.tokenizer), start_step=2)
+  paths = paths_lib.data_paths(config, tmp_path)
+  batches = pipeline.train_iterator(config, paths, student_tokenizer(config.model, paths.tokenizer), start_step=2)
   batch = next(batches)
   assert batch["d_ids"].shape == (BATCH, 8, config.model.doc_maxlen)
   assert batch["q_ids"].shape == (BATCH, config.model.query_maxlen)

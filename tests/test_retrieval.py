@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import sentence_transformers
 
-from pairdistill_jax.convert import export, hf_io
+from pairdistill_jax.convert import hf_io
 from pairdistill_jax.retrieval import corpus, devices, encoders, search
+from pairdistill_jax.students import colbert, dpr
+
+import data_helpers
 from test_export import TEXTS, random_student
 
 
@@ -114,7 +117,7 @@ def test_colbert_v1_ivfpq_recovers_exact_maxsim_top10(dtype):
 
 
 def test_auto_index_picks_exact_for_small_colbert_and_flat_for_dpr():
-  store = corpus.TokenStore.from_arrays(np.zeros((10, 4), np.float16), np.array([4, 6]))
+  store = data_helpers.token_store(np.zeros((10, 4), np.float16), np.array([4, 6]))
   assert search.SearchOptions().resolve(store) == "exact"
   assert search.SearchOptions(exact_max_tokens=9).resolve(store) == "ivfpq"
   assert search.SearchOptions().resolve(corpus.DenseStore([np.zeros((3, 4), np.float32)])) == "flat"
@@ -190,8 +193,8 @@ def test_dpr_corpus_vectors_equal_one_at_a_time_encoding(tmp_path):
 
 def test_encoder_from_exported_stanford_dir_equals_the_trained_encoder(tmp_path):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert", seed=3)
-  settings = export.ColBERTSettings.from_model_config(config.model)
-  out = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings, pylate=False)
+  settings = colbert.ColBERTSettings.from_model_config(config.model)
+  out = colbert.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings, pylate=False)
   imported = encoders.from_model_dir(out / "colbert")
   trained = encoders.from_params(config.model, bert_config, params, tokenizer_dir)
   assert imported.kind == "colbert" and (imported.tokenizer.query_maxlen, imported.tokenizer.doc_maxlen) == (16, 48)
@@ -201,8 +204,8 @@ def test_encoder_from_exported_stanford_dir_equals_the_trained_encoder(tmp_path)
 
 def test_stanford_dir_without_metadata_says_it_uses_stanford_defaults(tmp_path, caplog):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "colbert")
-  settings = export.ColBERTSettings.from_model_config(config.model)
-  out = export.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings, pylate=False)
+  settings = colbert.ColBERTSettings.from_model_config(config.model)
+  out = colbert.export_colbert(tmp_path / "export", bert_config, params, tokenizer_dir, settings, pylate=False)
   (out / "colbert" / "artifact.metadata").unlink()
   with caplog.at_level(logging.INFO, logger=encoders.__name__):
     imported = encoders.from_model_dir(out / "colbert", doc_maxlen=40)
@@ -211,11 +214,11 @@ def test_stanford_dir_without_metadata_says_it_uses_stanford_defaults(tmp_path, 
   assert "query length 32 (stanford ColBERT's defaults), document length 40 (set in the config)" in caplog.text
 
 
-@pytest.mark.parametrize("directory, pooling", [(export.QUERY_ST_DIR, None), (export.PASSAGE_ST_DIR, None),
-                                                (export.DPR_QUESTION_DIR, "cls"), (export.DPR_CONTEXT_DIR, "cls")])
+@pytest.mark.parametrize("directory, pooling", [(dpr.QUERY_ST_DIR, None), (dpr.PASSAGE_ST_DIR, None),
+                                                (dpr.DPR_QUESTION_DIR, "cls"), (dpr.DPR_CONTEXT_DIR, "cls")])
 def test_exported_dpr_dirs_give_back_the_trained_lengths(tmp_path, directory, pooling):
   config, bert_config, params, tokenizer_dir = random_student(tmp_path, "dpr", pooling="cls")
-  out = export.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling="cls",
+  out = dpr.export_dpr(tmp_path / "export", bert_config, params, tokenizer_dir, pooling="cls",
                           query_maxlen=20, doc_maxlen=72)
   imported = encoders.from_model_dir(out / directory, pooling=pooling)
   assert (imported.tokenizer.query_maxlen, imported.tokenizer.doc_maxlen) == (20, 72)

@@ -12,6 +12,8 @@ from pairdistill_jax.data import demo, formats, store
 from pairdistill_jax.data.formats import FormatError
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 
+import data_helpers
+
 WORDS = "the cat sat on a mat , while proteins fold ; water ( boils ) at 100 degrees ! why ? café".split()
 
 
@@ -157,8 +159,8 @@ def test_gzip_source_with_header_and_titles(tmp_path, colbert):
 def _beir(root, docs, queries, qrels):
   """A BEIR directory: docs {id: (title, text)}, queries {id: text}, qrels {split: [qid, ...]}."""
   (root / "qrels").mkdir(parents=True, exist_ok=True)
-  formats.write_beir_corpus(root / "corpus.jsonl", {i: {"title": t, "text": x} for i, (t, x) in docs.items()})
-  formats.write_beir_queries(root / "queries.jsonl", queries)
+  data_helpers.write_beir_corpus(root / "corpus.jsonl", {i: {"title": t, "text": x} for i, (t, x) in docs.items()})
+  data_helpers.write_beir_queries(root / "queries.jsonl", queries)
   for split, qids in qrels.items():
     formats.write_qrels(root / "qrels" / f"{split}.tsv", {q: {"4983": 1} for q in qids}, beir=True)
   return root

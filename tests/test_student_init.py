@@ -10,7 +10,7 @@ from configs import colbert as colbert_config
 from configs import dpr as dpr_config
 from pairdistill_jax.config_lib import ConfigError
 from pairdistill_jax.convert import students
-from pairdistill_jax.models.students import make_student
+from pairdistill_jax.students import make_student
 
 TEXTS = ["Vitamin D deficiency raises the risk of fractures in older adults.", "What folds proteins?"]
 

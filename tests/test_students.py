@@ -9,7 +9,8 @@ import transformers
 from pairdistill_jax.convert.bert_table import hf_to_flax
 from pairdistill_jax.models import scoring
 from pairdistill_jax.models.bert import BertConfig
-from pairdistill_jax.models.students import DPR, ColBERT
+from pairdistill_jax.students.colbert import ColBERT
+from pairdistill_jax.students.dpr import DPR
 
 HF_CONFIG = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,

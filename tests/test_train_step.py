@@ -11,7 +11,7 @@ from configs import colbert as colbert_config
 from configs import dpr as dpr_config
 from pairdistill_jax import sharding
 from pairdistill_jax.models.bert import BertConfig
-from pairdistill_jax.models.students import make_student
+from pairdistill_jax.students import make_student
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train.step import compute_loss, make_train_step, student_vectors
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from pairdistill_jax.train.step import in_batch_group
+from pairdistill_jax import students
 
 _TRAIN_FACTOR = 3  # forward + backward (two matmuls per forward matmul)
 
@@ -51,32 +51,19 @@ def bert_forward(bert: Mapping, length: int, sequences: int) -> float:
   return float(sequences) * bert["num_hidden_layers"] * per_layer
 
 
-def encoder_forward(model: ml_collections.ConfigDict, length: int, sequences: int) -> float:
-  """A student tower: BERT plus, for ColBERT, the H -> dim projection of every token."""
-  flops = bert_forward(model.bert, length, sequences)
-  if model.kind == "colbert":
-    flops += 2.0 * sequences * length * model.bert["hidden_size"] * model.dim
-  return flops
-
-
-def scoring_forward(config: ml_collections.ConfigDict, micro_batch: int, group: int) -> float:
-  """Relevance scores of the whole global batch: MaxSim of every query against its group's passages, or
-  DPR's dot products of every query against every passage of its micro-batch."""
-  m, batch, nway = config.model, config.train.batch_size, config.data.nway
-  if m.kind == "colbert":
-    return 2.0 * batch * group * nway * m.query_maxlen * m.doc_maxlen * m.dim
-  return 2.0 * batch * micro_batch * nway * m.bert["hidden_size"]
+def encoder_forward(model_cfg: ml_collections.ConfigDict, length: int, sequences: int) -> float:
+  """A student tower: BERT plus what its kind puts after it (ColBERT: the H -> dim projection of every token)."""
+  head = students.get(model_cfg.kind).head_flops(model_cfg, length, sequences)
+  return bert_forward(model_cfg.bert, length, sequences) + head
 
 
 def train_step(config: ml_collections.ConfigDict) -> StepFlops:
-  """The forward FLOPs of one step of `config` (all micro-batches of the global batch together)."""
-  m, batch, nway = config.model, config.train.batch_size, config.data.nway
+  """The forward FLOPs of one step of `config` (all micro-batches of the global batch together): the towers,
+  and the relevance scores of the kind (e.g. MaxSim of every query against its group's passages)."""
+  model_cfg, batch, nway = config.model, config.train.batch_size, config.data.nway
+  student = students.get(model_cfg.kind)
   micro = batch // config.train.grad_accum
-  if m.kind == "colbert":
-    group = in_batch_group(config, micro) if config.loss.in_batch else 1
-  else:
-    group = micro
   return StepFlops(
-      query_encoder=encoder_forward(m, m.query_maxlen, batch),
-      doc_encoder=encoder_forward(m, m.doc_maxlen, batch * nway),
-      scoring=scoring_forward(config, micro, group))
+      query_encoder=encoder_forward(model_cfg, model_cfg.query_maxlen, batch),
+      doc_encoder=encoder_forward(model_cfg, model_cfg.doc_maxlen, batch * nway),
+      scoring=student.scoring_flops(config, micro, student.score_group(config, micro)))

@@ -20,12 +20,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pairdistill_jax import config_lib, sharding
+from pairdistill_jax import config_lib, sharding, students
 from pairdistill_jax.bench import flops as flops_lib
 from pairdistill_jax.bench import hlo, measure
 from pairdistill_jax.bench import teacher as teacher_bench
 from pairdistill_jax.models.bert import BertConfig
-from pairdistill_jax.models.students import make_student
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train.step import make_train_step
 
@@ -42,25 +41,24 @@ def bert_config(config: ml_collections.ConfigDict) -> BertConfig:
 
 def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
   """`batch_size` rows in the training layout (data.batching): random tokens, full-length passages, queries
-  half [MASK] padding, a tenth of the document tokens out of MaxSim, `max_pairs` pairs per query."""
-  m, nway, pairs = config.model, config.data.nway, config.data.max_pairs
+  half [MASK] padding, `max_pairs` pairs per query, and what the kind adds (ColBERT: a tenth of the document
+  tokens out of MaxSim)."""
+  model_cfg, nway, pairs = config.model, config.data.nway, config.data.max_pairs
   rng = np.random.default_rng(seed)
   vocab = bert_config(config).vocab_size
-  q_mask = np.ones((batch_size, m.query_maxlen), np.int32)
-  q_mask[:, m.query_maxlen // 2:] = 0
-  d_mask = np.ones((batch_size, nway, m.doc_maxlen), np.int32)
+  q_mask = np.ones((batch_size, model_cfg.query_maxlen), np.int32)
+  q_mask[:, model_cfg.query_maxlen // 2:] = 0
+  d_mask = np.ones((batch_size, nway, model_cfg.doc_maxlen), np.int32)
   pair_i = rng.integers(0, nway - 1, size=(batch_size, pairs)).astype(np.int32)
   batch = dict(
-      q_ids=rng.integers(1, vocab, size=(batch_size, m.query_maxlen)).astype(np.int32), q_mask=q_mask,
-      d_ids=rng.integers(1, vocab, size=(batch_size, nway, m.doc_maxlen)).astype(np.int32), d_mask=d_mask,
+      q_ids=rng.integers(1, vocab, size=(batch_size, model_cfg.query_maxlen)).astype(np.int32), q_mask=q_mask,
+      d_ids=rng.integers(1, vocab, size=(batch_size, nway, model_cfg.doc_maxlen)).astype(np.int32), d_mask=d_mask,
       teacher=rng.normal(size=(batch_size, nway)).astype(np.float32),
       passage_mask=np.ones((batch_size, nway), bool), pair_i=pair_i,
       pair_j=np.minimum(pair_i + rng.integers(1, 6, size=pair_i.shape), nway - 1).astype(np.int32),
       pair_logp=np.log(rng.uniform(0.05, 1.0, size=(batch_size, pairs))).astype(np.float32),
       pair_mask=np.ones((batch_size, pairs), bool))
-  if m.kind == "colbert":
-    batch["d_score_mask"] = d_mask * (rng.random(d_mask.shape) < 0.9)
-  return batch
+  return students.get(model_cfg.kind).synthetic_batch(batch, rng)
 
 
 def _local_rows(global_rows: int) -> int:
@@ -69,27 +67,26 @@ def _local_rows(global_rows: int) -> int:
 
 def describe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
   """The settings a measurement depends on."""
-  m, bert = config.model, config.model.bert
-  out = {"model": m.kind, "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size,
-         "mesh": dict(mesh.shape), "dtype": m.dtype, "remat": m.remat, "attention": m.attention,
-         "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
-         "nway": config.data.nway, "query_maxlen": m.query_maxlen, "doc_maxlen": m.doc_maxlen,
+  model_cfg, bert = config.model, config.model.bert
+  out = {"model": model_cfg.kind, "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size,
+         "mesh": dict(mesh.shape), "dtype": model_cfg.dtype, "remat": model_cfg.remat,
+         "attention": model_cfg.attention, "batch_size": config.train.batch_size,
+         "grad_accum": config.train.grad_accum, "nway": config.data.nway, "query_maxlen": model_cfg.query_maxlen,
+         "doc_maxlen": model_cfg.doc_maxlen,
          "layers": bert.num_hidden_layers, "hidden": bert.hidden_size, "heads": bert.num_attention_heads,
          "intermediate": bert.intermediate_size}
-  if m.kind == "colbert":
-    out.update(maxsim_chunk=config.loss.maxsim_chunk, in_batch_group=config.loss.in_batch_group)
-  return out
+  return out | students.get(model_cfg.kind).benchmark_settings(config)
 
 
-def _measured(compiled: jax.stages.Compiled, call, config: ml_collections.ConfigDict, model_flops: float,
-              devices: Sequence[jax.Device]) -> dict:
+def _program_stats(compiled: jax.stages.Compiled, call, config: ml_collections.ConfigDict, model_flops: float,
+                   devices: Sequence[jax.Device]) -> dict:
   """Timing, throughput, XLA's FLOP count and memory of a compiled program called by `call`."""
-  b = config.benchmark
-  stats = measure.time_stats(measure.timed_calls(call, b.warmup, b.steps))
+  bench_cfg = config.benchmark
+  stats = measure.time_stats(measure.timed_calls(call, bench_cfg.warmup, bench_cfg.steps))
   xla_flops = measure.compiled_flops(compiled)
-  return {**stats, "timed_steps": b.steps, "model_flops_per_step": model_flops,
+  return {**stats, "timed_steps": bench_cfg.steps, "model_flops_per_step": model_flops,
           "xla_flops_per_step": xla_flops * len(devices) if xla_flops is not None else None,
-          **measure.throughput(model_flops, stats["step_s_median"], devices, b.peak_flops),
+          **measure.throughput(model_flops, stats["step_s_median"], devices, bench_cfg.peak_flops),
           "runtime_peak_bytes": measure.runtime_peak_memory(devices), **measure.compiled_memory(compiled)}
 
 
@@ -103,9 +100,9 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
                     name: str = "config") -> dict:
   """Compiles the sharded train step of `config` on `devices` (default all) and times it."""
   mesh = sharding.make_mesh(config, devices)
-  model = make_student(config.model, bert_config(config))
+  model = students.make_student(config.model, bert_config(config))
   tx = state_lib.optimizer(config)
-  m, batch_size = config.model, config.train.batch_size
+  model_cfg, batch_size = config.model, config.train.batch_size
   with jax.set_mesh(mesh):
     state, shardings = state_lib.create(model, tx, config, mesh, jax.random.PRNGKey(0))
     step = make_train_step(model, tx, config, mesh, shardings)
@@ -123,9 +120,9 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
       return current["state"], metrics
 
     step_flops = flops_lib.train_step(config)
-    record = _measured(compiled, call, config, step_flops.train, list(mesh.devices.flat))
+    record = _program_stats(compiled, call, config, step_flops.train, list(mesh.devices.flat))
   median = record["step_s_median"]
-  tokens = batch_size * (m.query_maxlen + config.data.nway * m.doc_maxlen)
+  tokens = batch_size * (model_cfg.query_maxlen + config.data.nway * model_cfg.doc_maxlen)
   return {"benchmark": "train_step", "variant": name, **describe(config, mesh), "params": int(num_params),
           "compile_s": compile_s, "queries_per_s": batch_size / median, "tokens_per_s": tokens / median,
           **record, "model_flops_forward": {"query_encoder": step_flops.query_encoder,
@@ -138,25 +135,26 @@ def time_encoding(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
   """Times `encode_doc` on benchmark.encode_batch passages of doc_maxlen tokens (rounded up to the
   devices), parameters replicated and rows split over every device, as corpus encoding runs."""
   mesh = sharding.make_mesh(config, devices)
-  model = make_student(config.model, bert_config(config))
-  m = config.model
+  model = students.make_student(config.model, bert_config(config))
+  model_cfg = config.model
   rows = -(-config.benchmark.encode_batch // mesh.size) * mesh.size
   with jax.set_mesh(mesh):
     init = lambda r: nn.meta.unbox(model.init({"params": r}, *state_lib.init_inputs(config))["params"])
     params = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
     ids = np.random.default_rng(jax.process_index()).integers(
-        1, bert_config(config).vocab_size, size=(_local_rows(rows), m.doc_maxlen)).astype(np.int32)
+        1, bert_config(config).vocab_size, size=(_local_rows(rows), model_cfg.doc_maxlen)).astype(np.int32)
     inputs = sharding.shard_batch({"ids": ids, "mask": np.ones_like(ids)},
                                   NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
     encode = jax.jit(lambda p, i, k: model.apply({"params": p}, i, k, method="encode_doc"))
     logging.info("benchmark encode: compiling on %d devices", mesh.size)
     compiled, compile_s = _compile(encode, params, inputs["ids"], inputs["mask"])
-    record = _measured(compiled, lambda: compiled(params, inputs["ids"], inputs["mask"]), config,
-                       flops_lib.encoder_forward(m, m.doc_maxlen, rows), list(mesh.devices.flat))
+    record = _program_stats(compiled, lambda: compiled(params, inputs["ids"], inputs["mask"]), config,
+                            flops_lib.encoder_forward(model_cfg, model_cfg.doc_maxlen, rows),
+                            list(mesh.devices.flat))
   median = record["step_s_median"]
   return {"benchmark": "encode", "variant": name, **describe(config, mesh), "encode_batch": rows,
-          "compile_s": compile_s, "passages_per_s": rows / median, "tokens_per_s": rows * m.doc_maxlen / median,
-          **record}
+          "compile_s": compile_s, "passages_per_s": rows / median,
+          "tokens_per_s": rows * model_cfg.doc_maxlen / median, **record}
 
 
 def parse_variants(text: str) -> list[tuple[str, dict[str, str]]]:
@@ -173,17 +171,6 @@ def parse_variants(text: str) -> list[tuple[str, dict[str, str]]]:
   return variants
 
 
-def _typed(key: str, raw: str, current) -> object:
-  if isinstance(current, bool):
-    if raw.lower() not in ("true", "false", "1", "0"):
-      raise config_lib.ConfigError(f"{key}={raw!r}: expected true or false")
-    return raw.lower() in ("true", "1")
-  try:
-    return type(current)(raw)
-  except ValueError:
-    raise config_lib.ConfigError(f"{key}={raw!r}: expected a {type(current).__name__}") from None
-
-
 def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted fields set from strings (typed as the fields they replace)."""
   out = config.copy_and_resolve_references()
@@ -194,13 +181,13 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, st
       node = node.get(part) if isinstance(node, (ml_collections.ConfigDict, dict)) else None
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or leaf not in node:
       raise config_lib.ConfigError(f"override {key}={raw}: the config has no field {key!r}")
-    node[leaf] = _typed(key, raw, node[leaf])
+    node[leaf] = config_lib.typed_value(key, raw, node[leaf])
   return out
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
-  """One measurement: the train step or encoding of `config` on `devices`."""
+class Measurement:
+  """One measurement to run: the train step or encoding of `config` on `devices`."""
 
   kind: str  # 'train' or 'encode'
   name: str
@@ -209,49 +196,49 @@ class Job:
   scaling: bool = False
 
 
-def scaling_jobs(config: ml_collections.ConfigDict) -> list[Job]:
+def scaling_measurements(config: ml_collections.ConfigDict) -> list[Measurement]:
   """The train step on the first n devices of this host for each n of benchmark.scaling, with the same
   per-device batch (benchmark.per_device_batch, or train.batch_size / jax.device_count())."""
-  b = config.benchmark
-  counts = [int(n) for n in str(b.scaling).split(",") if n.strip()]
+  bench_cfg = config.benchmark
+  counts = [int(n) for n in str(bench_cfg.scaling).split(",") if n.strip()]
   if jax.process_count() > 1:
     raise config_lib.ConfigError("benchmark scaling runs on one host; drop 'scaling' from benchmark.what")
   if not counts or max(counts) > jax.device_count():
     raise config_lib.ConfigError(
-        f"benchmark.scaling={b.scaling!r}: device counts must lie in 1..{jax.device_count()} (on a CPU, "
-        f"XLA_FLAGS=--xla_force_host_platform_device_count=8 gives 8 devices)")
-  per_device = b.per_device_batch or config.train.batch_size // jax.device_count()
-  return [Job("train", f"{n} devices", with_overrides(config, {"train.batch_size": str(per_device * n)}),
-              tuple(jax.devices()[:n]), scaling=True) for n in counts]
+        f"benchmark.scaling={bench_cfg.scaling!r}: device counts must lie in 1..{jax.device_count()} (on a "
+        f"CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8 gives 8 devices)")
+  per_device = bench_cfg.per_device_batch or config.train.batch_size // jax.device_count()
+  return [Measurement("train", f"{n} devices", with_overrides(config, {"train.batch_size": str(per_device * n)}),
+                      tuple(jax.devices()[:n]), scaling=True) for n in counts]
 
 
-def measured(b: ml_collections.ConfigDict) -> list[str]:
-  """The names in benchmark.what."""
-  return [w.strip() for w in b.what.split(",") if w.strip()]
+def measurement_names(bench_cfg: ml_collections.ConfigDict) -> list[str]:
+  """The benchmarks named in benchmark.what (of WHAT)."""
+  return [w.strip() for w in bench_cfg.what.split(",") if w.strip()]
 
 
-def plan(config: ml_collections.ConfigDict) -> list[Job]:
+def planned_measurements(config: ml_collections.ConfigDict) -> list[Measurement]:
   """The measurements benchmark.what asks for, each config validated before anything compiles."""
-  b = config.benchmark
-  what = measured(b)
+  bench_cfg = config.benchmark
+  what = measurement_names(bench_cfg)
   unknown = sorted(set(what) - set(WHAT))
   if unknown or not what:
-    raise config_lib.ConfigError(f"benchmark.what={b.what!r}: a comma list of {', '.join(WHAT)}")
+    raise config_lib.ConfigError(f"benchmark.what={bench_cfg.what!r}: a comma list of {', '.join(WHAT)}")
   every = tuple(jax.devices())
-  jobs = []
+  measurements = []
   if "train" in what:
-    jobs += [Job("train", name, with_overrides(config, overrides), every)
-             for name, overrides in [("config", {})] + parse_variants(b.variants)]
+    measurements += [Measurement("train", name, with_overrides(config, overrides), every)
+                     for name, overrides in [("config", {})] + parse_variants(bench_cfg.variants)]
   if "encode" in what:
-    jobs.append(Job("encode", "encode_doc", config, every))
+    measurements.append(Measurement("encode", "encode_doc", config, every))
   if "scaling" in what:
-    jobs += scaling_jobs(config)
-  for job in jobs:
+    measurements += scaling_measurements(config)
+  for measurement in measurements:
     try:
-      config_lib.validate(job.config, len(job.devices), need_data=False)
+      config_lib.validate(measurement.config, len(measurement.devices), need_data=False)
     except config_lib.ConfigError as e:
-      raise config_lib.ConfigError(f"benchmark {job.name}: {e}") from None
-  return jobs
+      raise config_lib.ConfigError(f"benchmark {measurement.name}: {e}") from None
+  return measurements
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None,
@@ -261,18 +248,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = 
   student(cfg) builds a retriever teacher for the 'teacher' measurement.
   """
   records, scaling_base = [], None
-  jobs = plan(config)
-  if "teacher" in measured(config.benchmark):
+  measurements = planned_measurements(config)
+  if "teacher" in measurement_names(config.benchmark):
     teacher_records = teacher_bench.run(config, student)
     if jax.process_index() == 0:
       for record in teacher_records:
         measure.emit(record, workdir)
       print(teacher_bench.table(teacher_records))
     records += teacher_records
-  for job in jobs:
-    measure_fn = time_train_step if job.kind == "train" else time_encoding
-    record = measure_fn(job.config, job.devices, job.name)
-    if job.scaling:
+  for measurement in measurements:
+    measure_fn = time_train_step if measurement.kind == "train" else time_encoding
+    record = measure_fn(measurement.config, measurement.devices, measurement.name)
+    if measurement.scaling:
       per_device = record["queries_per_s"] / record["devices"]
       scaling_base = scaling_base or per_device
       record["scaling_efficiency"] = per_device / scaling_base

@@ -192,7 +192,7 @@ def export_bert(directory: PathLike, config: BertConfig, params: Mapping, *, pre
     raise ValueError(f"extra_tensors would overwrite BERT weights: {clashes}")
   hf_config = {**config.to_hf_dict(), **(config_extra or {})}
   tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
-  with _atomic_directory(pathlib.Path(directory)) as tmp:
+  with atomic_directory(pathlib.Path(directory)) as tmp:
     write_safetensors(tmp / SAFETENSORS, {**tensors, **(extra_tensors or {})})
     (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for f in tokenizer_files:
@@ -209,7 +209,7 @@ def _tokenizer_files(tokenizer_dir: PathLike) -> list[pathlib.Path]:
 
 
 @contextlib.contextmanager
-def _atomic_directory(target: pathlib.Path) -> Iterator[pathlib.Path]:
+def atomic_directory(target: pathlib.Path) -> Iterator[pathlib.Path]:
   """Yields a temporary sibling of `target` that replaces `target` only if the body succeeds."""
   if target.exists() and not target.is_dir():
     raise FileExistsError(f"{target} exists and is not a directory; choose another path.")

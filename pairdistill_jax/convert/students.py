@@ -2,10 +2,10 @@
 directory), else `config.init.pretrained` (a stanford ColBERT / HF BERT directory), else a random init of
 the shape in `config.model.bert`.
 
-Returns the BERT shape and the parameter subtrees to place into the student ('bert' and 'linear' for
-ColBERT; 'query_encoder'/'passage_encoder' or 'encoder' for DPR). `init.layers` keeps a subset of the
-initial weights' layers (a smaller student cut from a pretrained one, as DistilBERT / TinyBERT initialise);
-`model.bert`'s dropout rates apply to every init, its shape only to a random one.
+Returns the BERT shape and the parameter subtrees to place into the student (its kind's `import_params`:
+'bert' and 'linear' for ColBERT; 'query_encoder'/'passage_encoder' or 'encoder' for DPR). `init.layers` keeps a
+subset of the initial weights' layers (a smaller student cut from a pretrained one, as DistilBERT / TinyBERT
+initialise); `model.bert`'s dropout rates apply to every init, its shape only to a random one.
 """
 
 from __future__ import annotations
@@ -13,37 +13,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from pairdistill_jax import checkpoint, config_lib
+from pairdistill_jax import checkpoint, config_lib, paths, students
 from pairdistill_jax.convert import hf_io
 from pairdistill_jax.models.bert import BertConfig
-
-
-def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(field, directory) of the weights a fresh run starts from; ('', '') for a random init."""
-  for field in ("checkpoint", "pretrained"):
-    if config.init[field]:
-      return field, config.init[field]
-  return "", ""
-
-
-def is_workdir(directory: str) -> bool:
-  """Whether `directory` is a training workdir of ours (rather than an HF / stanford ColBERT directory)."""
-  return os.path.exists(os.path.join(directory, checkpoint.MODEL_DIR, "config.json"))
-
-
-def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
-  """init.tokenizer, else the tokenizer of the weights the run starts from."""
-  if config.init.tokenizer:
-    return config.init.tokenizer
-  _, directory = init_source(config)
-  return os.path.join(directory, checkpoint.MODEL_DIR, "tokenizer") if is_workdir(directory) else directory
 
 
 def _existing_dir(field: str, directory: str) -> str:
@@ -80,11 +58,13 @@ def layer_indices(spec: str, num_layers: int) -> list[int]:
   try:
     values = [int(v) for v in spec.split(",")]
   except ValueError:
-    raise config_lib.ConfigError(f"init.layers={spec!r}: expected a layer count or comma-separated layer indices") from None
+    raise config_lib.ConfigError(
+        f"init.layers={spec!r}: expected a layer count or comma-separated layer indices") from None
   if "," not in spec:
     count = values[0]
     if not 1 <= count <= num_layers:
-      raise config_lib.ConfigError(f"init.layers={spec!r}: the initial model has {num_layers} layers; keep 1 to {num_layers}")
+      raise config_lib.ConfigError(
+          f"init.layers={spec!r}: the initial model has {num_layers} layers; keep 1 to {num_layers}")
     return sorted({int(round(x)) for x in np.linspace(0, num_layers - 1, count)}) if count > 1 else [0]
   if any(v < 0 or v >= num_layers for v in values) or values != sorted(set(values)):
     raise config_lib.ConfigError(f"init.layers={spec!r}: indices must be increasing and within the initial model's "
@@ -122,7 +102,7 @@ def _adapt(config: ml_collections.ConfigDict, source: str, bert_config: BertConf
 
 def import_student(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[BertConfig, dict]:
   """(BERT shape, initial parameter subtrees) for the student of `config.model`."""
-  field, directory = init_source(config)
+  field, directory = paths.init_source(config)
   if not field:
     if config.init.layers:
       raise config_lib.ConfigError("init.layers cuts the layers of initial weights, but the config starts "
@@ -135,40 +115,14 @@ def import_student(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[
 
 
 def _import_weights(config: ml_collections.ConfigDict, directory: str) -> tuple[BertConfig, dict]:
-  if is_workdir(directory):
+  if paths.is_workdir(directory):
     trained = checkpoint.load_trained(directory)
     logging.info("Initialised the student from %s (step %d)", directory, trained.step)
     return trained.bert_config, trained.params
   bert_config, bert, extra = hf_io.import_bert(directory)
-  if config.model.kind == "colbert":
-    params = {"bert": bert}
-    if "linear.weight" in extra:  # a stanford ColBERT checkpoint
-      params["linear"] = {"kernel": extra.pop("linear.weight").T}
-      dim = params["linear"]["kernel"].shape[1]
-      if dim != config.model.dim:
-        raise ValueError(f"{directory} projects to dim {dim} but model.dim={config.model.dim}: set "
-                         f"--config.model.dim={dim}")
-    _warn_unused(directory, extra)
-    logging.info("Initialised ColBERT %s from %s", " and ".join(params), directory)
-    return bert_config, params
+  params = students.get(config.model.kind).import_params(config.model, directory, bert, extra)
   _warn_unused(directory, extra)
-  _check_pooling(config.model, directory)
-  towers = ("encoder",) if config.model.shared_towers else ("query_encoder", "passage_encoder")
-  logging.info("Initialised DPR towers %s from %s", towers, directory)
-  return bert_config, {tower: bert for tower in towers}
-
-
-def _check_pooling(model_config: ml_collections.ConfigDict, directory: str) -> None:
-  """A sentence-transformers directory says how it pools: a DPR student that pools otherwise is refused (its
-  vectors would not be the model's); a Normalize module the student lacks (model.normalize) is a warning."""
-  layout = hf_io.read_st_layout(pathlib.Path(directory))
-  if layout.pooling not in (None, model_config.pooling):
-    raise config_lib.ConfigError(
-        f"model.pooling={model_config.pooling!r} but {directory} pools with {layout.pooling!r} "
-        f"(its sentence-transformers Pooling config): set --config.model.pooling={layout.pooling}")
-  if layout.normalize and not model_config.normalize:
-    logging.warning("%s L2-normalises its vectors; the DPR student scores unnormalised dot products (set "
-                    "--config.model.normalize=True for its cosine)", directory)
+  return bert_config, params
 
 
 def _warn_unused(directory: str, extra: dict) -> None:

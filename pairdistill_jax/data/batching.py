@@ -8,8 +8,8 @@ A batch of B queries, each with `nway` passage slots and `max_pairs` pair slots,
 A line's passages beyond `nway` are dropped, and so are the pairs that reference them; a line with fewer
 passages has `passage_mask` False in the remaining slots, which hold the encoding of the empty text; a line
 with more than `max_pairs` remaining pairs is refused (never silently cut). `pack_targets` computes the
-teacher arrays and `assemble_batch` joins them with tokenised queries and passages; `make_batch` tokenises
-text on the fly, while `data.pipeline` fills the same layout from the pre-tokenised store.
+teacher arrays and `assemble_batch` joins them with tokenised queries and passages (`data.pipeline` gathers
+those from the pre-tokenised stores).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from pairdistill_jax.data.formats import TrainingExample
-from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer
 
 TARGET_KEYS = ("teacher", "passage_mask", "pair_i", "pair_j", "pair_logp", "pair_mask")
 
@@ -65,16 +64,3 @@ def assemble_batch(queries: Mapping[str, np.ndarray], docs: Mapping[str, np.ndar
   out.update({f"d_{k}": v.reshape(batch, nway, -1) for k, v in docs.items()})
   out.update({k: targets[k] for k in TARGET_KEYS})
   return out
-
-
-def make_batch(examples: Sequence[TrainingExample], collection: Mapping[str, str],
-               queries: Mapping[str, str], tokenizer: ColBERTTokenizer | DPRTokenizer, *, nway: int,
-               max_pairs: int) -> dict[str, np.ndarray]:
-  """Tokenises `examples` (B = len(examples)) into the batch layout of the module docstring."""
-  targets = pack_targets(examples, nway=nway, max_pairs=max_pairs)
-  texts = []
-  for ex in examples:
-    kept = [collection[pid] for pid in ex.pids[:nway]]
-    texts.extend(kept + [""] * (nway - len(kept)))
-  return assemble_batch(tokenizer.encode_queries([queries[ex.qid] for ex in examples]),
-                        tokenizer.encode_docs(texts), targets)

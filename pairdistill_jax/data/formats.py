@@ -39,10 +39,9 @@ _CANONICAL_INT = re.compile(r"0|[1-9][0-9]*")
 _BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
 _BYTE_ORDER_MARK = "\ufeff"
 MAX_ID_LENGTH = 1024
-# What joins a passage's title and text: ColBERT's `title | text`; BEIR's evaluation and sentence-transformers
-# join `title text`. The students' defaults (`data.title_separator='auto'`).
+# What joins a passage's title and text by default: ColBERT's `title | text` (BEIR's evaluation and
+# sentence-transformers join `title text`; each student kind says its own for data.title_separator='auto').
 COLBERT_TITLE_SEPARATOR = " | "
-TITLE_SEPARATORS = {"colbert": COLBERT_TITLE_SEPARATOR, "dpr": " "}
 
 
 class FormatError(ValueError):
@@ -615,22 +614,6 @@ def iter_beir_queries(
   return _iter_id_text(path, _parse_beir_query, skip_bad_lines, on_skip)
 
 
-def write_beir_corpus(path: PathLike, docs: Mapping[str, Mapping[str, str]]) -> None:
-  """Writes BEIR corpus.jsonl lines `{"_id", "title", "text"}` from {id: {"title": ..., "text": ...}}."""
-  with atomic_write(path) as f:
-    for doc_id, doc in docs.items():
-      if "text" not in doc:
-        raise ValueError(f"document {doc_id!r} has no 'text'")
-      f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""), "text": doc["text"]}) + "\n")
-
-
-def write_beir_queries(path: PathLike, queries: Mapping[str, str]) -> None:
-  """Writes BEIR queries.jsonl lines `{"_id", "text"}`."""
-  with atomic_write(path) as f:
-    for qid, text in queries.items():
-      f.write(json.dumps({"_id": qid, "text": text}) + "\n")
-
-
 # ------------------------------------------------------------------------------------- qrels, runs
 
 
@@ -784,15 +767,6 @@ _STREAMS = {("tsv", "docs"): iter_collection, ("tsv", "queries"): iter_queries,
             ("beir", "docs"): iter_beir_corpus, ("beir", "queries"): iter_beir_queries}
 _MAPPINGS = {("tsv", "docs"): read_collection, ("tsv", "queries"): read_queries,
              ("beir", "docs"): read_beir_corpus, ("beir", "queries"): read_beir_queries}
-
-
-def title_separator(setting: str, kind: str) -> str:
-  """What joins a passage's title and text: `setting`, or for 'auto' the default of student `kind`."""
-  if setting != "auto":
-    return setting
-  if kind not in TITLE_SEPARATORS:
-    raise ValueError(f"no default title separator for model kind {kind!r} (known: {', '.join(TITLE_SEPARATORS)})")
-  return TITLE_SEPARATORS[kind]
 
 
 @dataclasses.dataclass(frozen=True)

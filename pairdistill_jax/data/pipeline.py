@@ -27,7 +27,7 @@ import logging
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import grain
 import jax
@@ -38,17 +38,9 @@ import tqdm
 from pairdistill_jax import config_lib, sharding
 from pairdistill_jax.data import batching, formats, store
 from pairdistill_jax.data.formats import TrainingExample
-from pairdistill_jax.data.tokenization import ColBERTTokenizer
+from pairdistill_jax.paths import DataPaths
 
 PathLike = str | os.PathLike[str]
-
-
-class DataPaths(Protocol):
-  """Where the training files are (train.loop.DataPaths)."""
-
-  train: str
-  collection: str
-  queries: str
 
 
 COMPILE_FORMAT_VERSION = 1
@@ -261,23 +253,13 @@ def _check_enough(available: int, needed: int) -> None:
 # ----------------------------------------------------------------------------------- the batches
 
 
-def _skip_table(tokenizer: store.Tokenizer) -> np.ndarray | None:
-  """For ColBERT: a vocabulary-sized table of the token ids excluded from MaxSim; None otherwise."""
-  if not isinstance(tokenizer, ColBERTTokenizer):
-    return None
-  table = np.zeros(len(tokenizer.tokenizer), bool)
-  if tokenizer.mask_punctuation:
-    table[sorted(tokenizer.skiplist_ids)] = True
-  return table
-
-
 class BatchAssembler:
   """Example indices -> a batch in the `data.batching` layout, gathered from the stores."""
 
   def __init__(self, training_set: TrainingSet, docs: store.TokenStore, queries: store.TokenStore,
                tokenizer: store.Tokenizer):
     self._set, self._docs, self._queries = training_set, docs, queries
-    self._skip = _skip_table(tokenizer)
+    self._skip = tokenizer.score_skip_table()  # ids excluded from MaxSim (None: no score mask)
 
   def __call__(self, indices_B: np.ndarray) -> dict[str, np.ndarray]:
     queries = self._queries.gather(self._set.query_row[indices_B])

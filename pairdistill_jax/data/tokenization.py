@@ -17,7 +17,18 @@ from collections.abc import Sequence
 import numpy as np
 import transformers
 
+from pairdistill_jax.students import registry as students
+
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def student_tokenizer(model_config, directory: str | os.PathLike[str], *, query_maxlen: int = 0,
+                      doc_maxlen: int = 0):
+  """The tokenizer of the student `config.model` describes (its kind's, e.g. ColBERT markers and [MASK]
+  augmentation, or plain DPR) over the HF tokenizer in `directory`; maxlens of 0 keep the model's."""
+  return students.get(model_config.kind).tokenizer(
+      load_tokenizer(directory), model_config, query_maxlen=query_maxlen or model_config.query_maxlen,
+      doc_maxlen=doc_maxlen or model_config.doc_maxlen)
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> transformers.PreTrainedTokenizerFast:
@@ -165,6 +176,13 @@ class ColBERTTokenizer:
       score_mask_BxL = mask_BxL * ~np.isin(ids_BxL, self._skiplist_S)
     return {"ids": ids_BxL, "mask": mask_BxL, "score_mask": score_mask_BxL.astype(np.int32)}
 
+  def score_skip_table(self) -> np.ndarray:
+    """A vocabulary-sized table of the token ids that `score_mask` drops (pre-tokenised batches use it)."""
+    table = np.zeros(len(self.tokenizer), bool)
+    if self.mask_punctuation:
+      table[self._skiplist_S] = True
+    return table
+
 
 @dataclasses.dataclass
 class DPRTokenizer:
@@ -192,3 +210,7 @@ class DPRTokenizer:
     width = self.doc_maxlen if length is None else length
     ids_BxL, mask_BxL = _fit_length(ids_BxL, mask_BxL, width, self._pad_id)
     return {"ids": ids_BxL, "mask": mask_BxL}
+
+  def score_skip_table(self) -> None:
+    """None: passages have no score mask (every token is pooled)."""
+    return None

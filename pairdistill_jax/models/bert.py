@@ -22,10 +22,12 @@ Axes = tuple[str | None, ...]
 _INIT_STD = 0.02  # HF initializer_range
 _SUPPORTED_ACT = "gelu"  # HF "gelu" is the exact erf GELU
 _SUPPORTED_POSITIONS = "absolute"
-ATTENTION_KERNELS = ("einsum", "dot_product_attention")
+ATTENTION_KERNELS = ("einsum", "dot_product_attention")  # model.attention
+COMPUTE_DTYPES = ("float32", "bfloat16")  # model.dtype and the teachers' dtype (parameters stay float32)
 ACTIVATION_AXES = ("batch", None, None)  # hidden states: split along the batch, whole along length and H
-# nn.remat policy per name; 'none' does not rematerialise at all.
+# model.remat: the nn.remat policy per name; 'none' does not rematerialise at all.
 REMAT_POLICIES = {
+    "none": None,
     "full": None,  # save nothing inside a layer: recompute its whole forward pass
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -271,14 +273,6 @@ class BertLayer(nn.Module):
         y_BxLxI, x_BxLxH, deterministic)
 
 
-def remat_policy_name(remat: str | bool) -> str:
-  """The REMAT_POLICIES name (or 'none') of a remat setting; True and False mean 'full' and 'none'."""
-  name = ("full" if remat else "none") if isinstance(remat, bool) else remat
-  if name != "none" and name not in REMAT_POLICIES:
-    raise ValueError(f"remat must be 'none' or one of {tuple(REMAT_POLICIES)}, got {remat!r}")
-  return name
-
-
 class BertLayerStack(nn.Module):
   """num_hidden_layers BertLayers named layer_{i}, each rematerialised under the `remat` policy.
 
@@ -289,15 +283,16 @@ class BertLayerStack(nn.Module):
 
   config: BertConfig
   dtype: Any = jnp.float32
-  remat: str | bool = "none"
+  remat: str = "none"
   attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
-    policy = remat_policy_name(self.remat)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
     layer_cls = BertLayer
-    if policy != "none":
-      layer_cls = nn.remat(BertLayer, static_argnums=(3,), policy=REMAT_POLICIES[policy])
+    if self.remat != "none":
+      layer_cls = nn.remat(BertLayer, static_argnums=(3,), policy=REMAT_POLICIES[self.remat])
     x_BxLxH = nn.with_logical_constraint(x_BxLxH, ACTIVATION_AXES)
     for i in range(self.config.num_hidden_layers):
       x_BxLxH = layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")(
@@ -341,7 +336,7 @@ class BertEncoder(nn.Module):
 
   config: BertConfig
   dtype: Any = jnp.float32
-  remat: str | bool = "none"
+  remat: str = "none"
   attention: str = "einsum"
 
   @nn.compact

@@ -1,4 +1,4 @@
-"""Relevance scores: ColBERT MaxSim and bi-encoder dot products.
+"""Relevance scores: ColBERT MaxSim and bi-encoder dot products (and the L2 normalisation of vectors).
 
 One code path per similarity: `maxsim` / `dot` score every query against every document; the per-query
 (`B×nway`) and the in-batch (`B×(G·nway)`) matrices are both views of it (`grouped_scores`).
@@ -10,6 +10,12 @@ import jax
 import jax.numpy as jnp
 
 _MASKED = -1e4  # below any cosine-similarity sum of unit vectors; a masked token never wins the max
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along the last axis, in float32 (torch.nn.functional.normalize)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def maxsim(q_BxLqxD: jax.Array, d_MxLdxD: jax.Array, d_mask_MxLd: jax.Array, chunk: int = 0) -> jax.Array:

@@ -30,6 +30,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+from pairdistill_jax import students
 from pairdistill_jax.retrieval import devices
 from pairdistill_jax.retrieval.encoders import Encoder
 
@@ -84,11 +85,6 @@ class TokenStore:
     if len(self.chunks) != -(-len(self.lengths) // self.chunk_size):
       raise ValueError(f"{len(self.chunks)} chunks for {len(self.lengths)} documents of chunk_size "
                        f"{self.chunk_size}")
-
-  @classmethod
-  def from_arrays(cls, vectors_TxD: np.ndarray, lengths_N: np.ndarray) -> "TokenStore":
-    """One chunk holding every document (tests, small corpora)."""
-    return cls([vectors_TxD], lengths_N, chunk_size=max(len(lengths_N), 1))
 
   @property
   def num_docs(self) -> int:
@@ -172,12 +168,14 @@ def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def _done_file(directory: pathlib.Path, kind: str, chunk: int) -> pathlib.Path:
-  return directory / (_LENGTHS if kind == "colbert" else _VECTORS).format(chunk)
+  """The file written last for a chunk of student `kind`: its lengths (multi-vector) or its vectors."""
+  return directory / (_LENGTHS if students.get(kind).multi_vector else _VECTORS).format(chunk)
 
 
 def encode_chunk(encoder: Encoder, texts: Sequence[str], batch_size: int,
                  on_batch: Callable[[int], object] = lambda n: None) -> tuple[np.ndarray, np.ndarray | None]:
-  """(vectors, lengths) of documents, float32: DPR [n, dim] and None; ColBERT the scored tokens and counts.
+  """(vectors, lengths) of documents, float32: single-vector (DPR) [n, dim] and None; multi-vector (ColBERT)
+  the scored tokens and their counts.
 
   Documents are encoded longest first in batches of `batch_size` rows, each cut to a bucketed width;
   `on_batch(rows)` follows each batch.
@@ -266,7 +264,7 @@ def open_store(directory: str | os.PathLike) -> Store:
     raise FileNotFoundError(f"{directory}: chunks {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; "
                             f"run the encoding again to complete them")
   vectors = [np.load(directory / _VECTORS.format(c), mmap_mode="r") for c in range(n_chunks)]
-  if manifest["kind"] == "dpr":
+  if not students.get(manifest["kind"]).multi_vector:
     return DenseStore(vectors)
   lengths = np.concatenate([np.load(directory / _LENGTHS.format(c)) for c in range(n_chunks)])
   return TokenStore(vectors, lengths, manifest["chunk_size"])

@@ -19,10 +19,6 @@ def local_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((len(devices),), (ROWS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
-
-
 def row_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
   """The leading dimension split over the mesh; the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(ROWS))

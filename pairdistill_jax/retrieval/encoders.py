@@ -27,17 +27,18 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+from pairdistill_jax import sharding, students
 from pairdistill_jax.convert import hf_io
-from pairdistill_jax.convert.export import ColBERTSettings
-from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
+from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer, student_tokenizer
 from pairdistill_jax.models.bert import BertConfig
-from pairdistill_jax.models.students import DPR, ColBERT, l2_normalize, make_student
+from pairdistill_jax.models.scoring import l2_normalize
 from pairdistill_jax.retrieval import devices
+from pairdistill_jax.students.colbert import ColBERT, ColBERTSettings
+from pairdistill_jax.students.dpr import DPR
 
 if TYPE_CHECKING:
   from pairdistill_jax.checkpoint import TrainedModel
 
-Tokenizer = ColBERTTokenizer | DPRTokenizer
 _ST_MODEL_CONFIG = "config_sentence_transformers.json"
 _LENGTH_KEYS = ("query_length", "document_length")  # in _ST_MODEL_CONFIG or config.json
 _QUERY_ONLY_SETTINGS = ("query_maxlen", "query_token", "attend_to_mask_tokens")
@@ -50,49 +51,48 @@ class Encoder:
   """Encodes token batches with `module.encode_query` / `encode_doc`, rows split over the local devices.
 
   Attributes:
-    kind: 'colbert' (token vectors) or 'dpr' (one vector per text).
-    module: the student module (`models.students.ColBERT` or `DPR`).
+    kind: the student kind (students.registry), e.g. 'colbert' (token vectors) or 'dpr' (one vector per text).
+    module: the kind's Flax module.
     params: its parameters (numpy, or jax arrays of any sharding); replicated on the local devices.
     tokenizer: the matching tokenizer; its maxlens are the encoding lengths.
-    normalize: L2-normalise DPR vectors (sentence-transformers models with a Normalize module).
+    normalize: L2-normalise the module's vectors (sentence-transformers models with a Normalize module).
     name: a label for logs and run files.
   """
 
   kind: str
   module: nn.Module
   params: Any
-  tokenizer: Tokenizer
+  tokenizer: Any
   normalize: bool = False
   name: str = "model"
   mesh: jax.sharding.Mesh = dataclasses.field(default_factory=devices.local_mesh, repr=False)
   fingerprint: str = dataclasses.field(init=False)
 
   def __post_init__(self) -> None:
-    if self.kind not in ("colbert", "dpr"):
-      raise ValueError(f"kind must be 'colbert' or 'dpr', got {self.kind!r}")
-    host_params = host_tree(self.params)
+    self.student = students.get(self.kind)
+    host_params = unboxed_on_host(self.params)
     self.fingerprint = _fingerprint(host_params, self._doc_settings())
-    self.params = jax.device_put(host_params, devices.replicated(self.mesh))
+    self.params = jax.device_put(host_params, sharding.replicated(self.mesh))
     self._encode = jax.jit(self._apply, static_argnums=0)
 
   def settings(self) -> dict[str, Any]:
     """Everything besides the weights that changes the vectors (for logs, metrics.json and the fingerprint).
 
-    `normalize`: whether vectors are unit length (always for ColBERT; DPR only with a Normalize module);
-    `compute_dtype`: the module's activation dtype; `matmul_precision`: JAX's default for float32 matmuls
-    ('default' lets GPUs use TF32 and TPUs bfloat16 passes).
+    `normalize`: whether vectors are unit length (always for ColBERT; DPR only with a Normalize module) and
+    the kind's other fields (`encoder_settings`); `compute_dtype`: the module's activation dtype;
+    `matmul_precision`: JAX's default for float32 matmuls ('default' lets GPUs use TF32 and TPUs bfloat16
+    passes).
     """
     tok = self.tokenizer
-    settings = {"kind": self.kind, "query_maxlen": tok.query_maxlen, "doc_maxlen": tok.doc_maxlen,
-                "normalize": self.kind == "colbert" or self.normalize,
-                "compute_dtype": np.dtype(self.module.dtype).name,
-                "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
-    if isinstance(tok, ColBERTTokenizer):
-      settings.update(query_token=tok.query_token, doc_token=tok.doc_token, mask_punctuation=tok.mask_punctuation,
-                      attend_to_mask_tokens=tok.attend_to_mask_tokens)
-    if isinstance(self.module, DPR):
-      settings.update(pooling=self.module.pooling)
-    return settings
+    kind_settings = self.student.encoder_settings(self.module, tok, self.normalize)
+    return {"kind": self.kind, "query_maxlen": tok.query_maxlen, "doc_maxlen": tok.doc_maxlen,
+            "normalize": kind_settings.pop("normalize"), "compute_dtype": np.dtype(self.module.dtype).name,
+            "matmul_precision": jax.config.jax_default_matmul_precision or "default", **kind_settings}
+
+  @property
+  def multi_vector(self) -> bool:
+    """Token vectors scored by MaxSim (ColBERT), rather than one vector per text."""
+    return self.student.multi_vector
 
   def _doc_settings(self) -> dict[str, Any]:
     """The settings that change a document's vectors, and the tokenizer's identity."""
@@ -108,16 +108,17 @@ class Encoder:
     """float32 vectors of one token batch ('query' or 'doc'); any row count (padded to the devices)."""
     rows = ids_BxL.shape[0]
     padded = devices.round_up(rows, self.mesh.size)
-    sharding = devices.row_sharded(self.mesh)
-    ids = jax.device_put(devices.pad_rows(ids_BxL, padded), sharding)
-    mask = jax.device_put(devices.pad_rows(mask_BxL, padded), sharding)
+    rows_split = devices.row_sharded(self.mesh)
+    ids = jax.device_put(devices.pad_rows(ids_BxL, padded), rows_split)
+    mask = jax.device_put(devices.pad_rows(mask_BxL, padded), rows_split)
     return np.asarray(self._encode(which, self.params, ids, mask))[:rows]
 
   def encode_queries(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """ColBERT: [Q, query_maxlen, dim] (all vectors, [MASK] augmentation included); DPR: [Q, dim].
+    """Multi-vector (ColBERT): [Q, query_maxlen, dim] (all vectors, [MASK] augmentation included); single-vector
+    (DPR): [Q, dim].
 
-    Batches are padded to one row count; DPR batches are cut to a bucketed width (ColBERT queries keep
-    query_maxlen: every [MASK] position is scored). A progress bar shows on process 0 when there is more
+    Batches are padded to one row count; single-vector batches are cut to a bucketed width (ColBERT queries
+    keep query_maxlen: every [MASK] position is scored). A progress bar shows on process 0 when there is more
     than one batch.
     """
     if not texts:
@@ -129,7 +130,7 @@ class Encoder:
       for start in range(0, len(texts), rows):
         tokens = self.tokenizer.encode_queries(list(texts[start:start + rows]))
         ids_BxL, mask_BxL = tokens["ids"], tokens["mask"]
-        if self.kind == "dpr":
+        if not self.multi_vector:
           width = devices.width_bucket(int(mask_BxL.sum(1).max()), ids_BxL.shape[1])
           ids_BxL, mask_BxL = ids_BxL[:, :width], mask_BxL[:, :width]
         n = len(ids_BxL)
@@ -138,7 +139,7 @@ class Encoder:
     return np.concatenate(batches)
 
 
-def host_tree(params: Any) -> Any:
+def unboxed_on_host(params: Any) -> Any:
   """Unboxed parameters as host numpy arrays (gathered across hosts where they are sharded over them)."""
   def to_host(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -165,17 +166,12 @@ def from_params(model_config: ml_collections.ConfigDict, bert_config: BertConfig
                 tokenizer_dir: str | pathlib.Path, *, query_maxlen: int = 0, doc_maxlen: int = 0,
                 name: str = "model") -> Encoder:
   """The student of `model_config` (a run's `config.model`); maxlens of 0 keep the training ones."""
-  m = model_config
-  query_maxlen, doc_maxlen = query_maxlen or m.query_maxlen, doc_maxlen or m.doc_maxlen
+  query_maxlen, doc_maxlen = query_maxlen or model_config.query_maxlen, doc_maxlen or model_config.doc_maxlen
   _check_positions(bert_config, query_maxlen, doc_maxlen)
-  tokenizer = load_tokenizer(tokenizer_dir)
-  if m.kind == "colbert":
-    tok = ColBERTTokenizer(tokenizer, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen,
-                           mask_punctuation=m.mask_punctuation, attend_to_mask_tokens=m.attend_to_mask_tokens)
-  else:
-    tok = DPRTokenizer(tokenizer, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
-  return Encoder(m.kind, make_student(model_config, bert_config), params, tok,
-                 normalize=m.kind == "dpr" and m.get("normalize", False), name=name)
+  student = students.get(model_config.kind)
+  tokenizer = student_tokenizer(model_config, tokenizer_dir, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
+  return Encoder(model_config.kind, student.make_module(model_config, bert_config), params, tokenizer,
+                 normalize=student.encoder_normalizes(model_config), name=name)
 
 
 def from_trained(trained: TrainedModel, *, query_maxlen: int = 0, doc_maxlen: int = 0) -> Encoder:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from pairdistill_jax import sharding
 from pairdistill_jax.models import scoring
 from pairdistill_jax.retrieval import devices, faiss_index
 from pairdistill_jax.retrieval.corpus import DenseStore, Store, TokenStore
@@ -160,7 +161,7 @@ def maxsim_exact(q_QxLxD: np.ndarray, store: TokenStore, k: int, mesh: jax.shard
   width = devices.round_up(store.max_length, 8)
   n_block = _doc_block(_QUERY_BLOCK, query_len, width, store.num_docs, mesh.size)
   padded_q = devices.pad_rows(q_QxLxD.astype(np.float32), devices.round_up(n_queries, _QUERY_BLOCK))
-  q_blocks = [jax.device_put(padded_q[s:s + _QUERY_BLOCK], devices.replicated(mesh))
+  q_blocks = [jax.device_put(padded_q[s:s + _QUERY_BLOCK], sharding.replicated(mesh))
               for s in range(0, len(padded_q), _QUERY_BLOCK)]
   tops = [(jnp.full((_QUERY_BLOCK, k), -jnp.inf), jnp.full((_QUERY_BLOCK, k), -1, jnp.int32))
           for _ in q_blocks]
@@ -187,7 +188,7 @@ def _rerank(q_LxD: np.ndarray, candidates: np.ndarray, store: TokenStore, width:
   """Exact MaxSim of one query against its candidate documents, in fixed-size blocks on the devices."""
   block = devices.round_up(next((b for b in _RERANK_BLOCKS if b >= len(candidates)), _RERANK_BLOCKS[-1]),
                            mesh.size)
-  q = jax.device_put(q_LxD[None].astype(np.float32), devices.replicated(mesh))
+  q = jax.device_put(q_LxD[None].astype(np.float32), sharding.replicated(mesh))
   scores = []
   for start in range(0, len(candidates), block):
     ids = candidates[start:start + block]

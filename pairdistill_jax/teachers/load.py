@@ -25,6 +25,7 @@ import ml_collections
 
 from pairdistill_jax.convert import hf_io, t5_table
 from pairdistill_jax.data.tokenization import load_tokenizer
+from pairdistill_jax.models.bert import COMPUTE_DTYPES
 from pairdistill_jax.models.cross_encoder import CrossEncoder
 from pairdistill_jax.models.t5 import T5Scorer
 from pairdistill_jax.retrieval.encoders import Encoder
@@ -33,7 +34,6 @@ from pairdistill_jax.teachers.runner import Teacher
 
 POINTWISE_KINDS = ("cross_encoder", "monot5", "retriever")
 PAIRWISE_KINDS = ("duot5", "duobert", "pointwise", "none")  # pointwise: log σ(t_i − t_j) of the pointwise teacher
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _model_dir(cfg: ml_collections.ConfigDict, role: str) -> pathlib.Path:
@@ -62,7 +62,7 @@ def cross_encoder(cfg: ml_collections.ConfigDict, role: str) -> Teacher:
   if num_labels not in (1, 2):
     raise ValueError(f"{directory}: a pointwise cross-encoder needs 1 or 2 labels, found {num_labels}")
   tokenizer = load_tokenizer(cfg.tokenizer or directory)
-  module = CrossEncoder(bert_config, num_labels, dtype=_DTYPES[cfg.dtype])
+  module = CrossEncoder(bert_config, num_labels, dtype=jnp.dtype(cfg.dtype))
 
   def encode(texts: Sequence[tuple[str, ...]]):
     columns = list(zip(*texts))
@@ -85,7 +85,7 @@ def t5(cfg: ml_collections.ConfigDict, role: str) -> Teacher:
   directory = _model_dir(cfg, role)
   t5_config, params = t5_table.import_t5(directory)
   tokenizer = inputs.load_t5_tokenizer(cfg.tokenizer or directory)
-  module = T5Scorer(t5_config, dtype=_DTYPES[cfg.dtype])
+  module = T5Scorer(t5_config, dtype=jnp.dtype(cfg.dtype))
   builder = inputs.duot5_inputs if role == "pairwise" else inputs.monot5_inputs
   token_ids = (inputs.T5_TRUE_ID, inputs.T5_FALSE_ID)
 
@@ -130,7 +130,8 @@ def pointwise_scale(cfg: ml_collections.ConfigDict, encoder: Encoder | None = No
     raise ValueError(f"teacher.pointwise.scale must be > 0 (or 0 for the default), got {cfg.scale}")
   if cfg.scale:
     return float(cfg.scale)
-  return COSINE_SCALE if encoder is not None and encoder.kind == "dpr" and encoder.normalize else 1.0
+  cosine = encoder is not None and not encoder.multi_vector and encoder.normalize
+  return COSINE_SCALE if cosine else 1.0
 
 
 _NEEDS_MODEL = ("cross_encoder", "duobert", "monot5", "duot5")
@@ -151,8 +152,8 @@ def load(cfg: ml_collections.ConfigDict, role: str,
   kinds = POINTWISE_KINDS if role == "pointwise" else PAIRWISE_KINDS
   if cfg.kind not in kinds:
     raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {cfg.kind!r}")
-  if cfg.dtype not in _DTYPES:
-    raise ValueError(f"teacher.{role}.dtype must be one of {tuple(_DTYPES)}, got {cfg.dtype!r}")
+  if cfg.dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"teacher.{role}.dtype must be one of {COMPUTE_DTYPES}, got {cfg.dtype!r}")
   if cfg.kind in ("cross_encoder", "duobert"):
     return cross_encoder(cfg, role)
   if cfg.kind in ("monot5", "duot5"):

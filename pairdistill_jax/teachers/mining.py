@@ -18,10 +18,9 @@ import time
 import jax
 import ml_collections
 
-from pairdistill_jax import checkpoint, config_lib, distributed
-from pairdistill_jax.convert import students
+from pairdistill_jax import checkpoint, config_lib, distributed, paths
 from pairdistill_jax.data import formats
-from pairdistill_jax.retrieval import encoders, evaluate
+from pairdistill_jax.retrieval import encoders, retrieve
 from pairdistill_jax.retrieval.encoders import Encoder
 
 _log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ CORPUS_DIR = "corpus"  # the collection's embeddings, beside the run
 
 def corpus_location(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, run: pathlib.Path) -> pathlib.Path:
   """Where mining keeps the collection's embeddings: mine.corpus_dir, else beside the run."""
-  return evaluate.resolve_path(config.mine.corpus_dir, workdir) if config.mine.corpus_dir else run.parent / CORPUS_DIR
+  return paths.resolve_path(config.mine.corpus_dir, workdir) if config.mine.corpus_dir else run.parent / CORPUS_DIR
 
 
 def keeps_corpus(config: ml_collections.ConfigDict) -> bool:
@@ -59,7 +58,7 @@ def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
       return encoders.from_trained(checkpoint.load_trained(workdir), query_maxlen=query_maxlen,
                                    doc_maxlen=doc_maxlen)
     except FileNotFoundError:
-      field, model = students.init_source(config)
+      field, model = paths.init_source(config)
       if not field:
         raise FileNotFoundError(
             f"nothing to retrieve with: {workdir} holds no checkpoint and the config starts from random "
@@ -67,7 +66,7 @@ def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
             f"model directory") from None
   if not pathlib.Path(model).is_dir():
     raise FileNotFoundError(f"{field}={model!r} is not a local directory (nothing is downloaded at run time)")
-  if students.is_workdir(model):
+  if paths.is_workdir(model):
     return encoders.from_trained(checkpoint.load_trained(model), query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
   return encoders.from_model_dir(model, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
 
@@ -76,25 +75,27 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
          collection_path: str) -> Mined:
   """Retrieves `config.mine.k` passages per query of `queries_path` from `collection_path` (TSV files or BEIR,
   read with data.split and data.title_separator); writes the run."""
-  m = config.mine
+  mine_cfg = config.mine
   start = time.perf_counter()
-  out = evaluate.resolve_path(m.output, workdir)
+  out = paths.resolve_path(mine_cfg.output, workdir)
   queries_source = config_lib.data_source(config, queries_path, "queries")
   collection_source = config_lib.data_source(config, collection_path, "docs")
-  encoder = student_encoder(config, workdir, m.model, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen,
-                            field="mine.model")
+  encoder = student_encoder(config, workdir, mine_cfg.model, query_maxlen=mine_cfg.query_maxlen,
+                            doc_maxlen=mine_cfg.doc_maxlen, field="mine.model")
   settings = {"model": encoder.name, "fingerprint": encoder.fingerprint, "queries": str(queries_path),
               "collection": str(collection_path), "queries_read": queries_source.settings(),
               "collection_read": collection_source.settings(), "query_maxlen": encoder.tokenizer.query_maxlen,
-              **{k: m[k] for k in ("k", "index", "nprobe", "faiss_depth", "exact_max_tokens", "vector_dtype")}}
-  if distributed.agree(formats.read_record(formats.sidecar(out)) == settings and out.exists()):
+              **{k: mine_cfg[k]
+                 for k in ("k", "index", "nprobe", "faiss_depth", "exact_max_tokens", "vector_dtype")}}
+  if distributed.process_0_decides(formats.read_record(formats.sidecar(out)) == settings and out.exists()):
     _log.info("Mining: %s is up to date (same model and settings); skipped", out)
     return Mined(out, -1, -1, encoder.name, 0.0, skipped=True)
   collection, queries = collection_source.read(), queries_source.read()
-  _log.info("Mining the top %d of %d queries (%s) over %d passages (%s) with %s", m.k, len(queries),
+  _log.info("Mining the top %d of %d queries (%s) over %d passages (%s) with %s", mine_cfg.k, len(queries),
             queries_path, len(collection), collection_path, encoder.name)
   corpus_dir = corpus_location(config, workdir, out)
-  retrieved = evaluate.retrieve(encoder, collection, queries, m, corpus_dir, query_block=m.query_block)
+  retrieved = retrieve.retrieve(encoder, collection, queries, mine_cfg, corpus_dir,
+                                query_block=mine_cfg.query_block)
   if jax.process_index() == 0:
     out.parent.mkdir(parents=True, exist_ok=True)
     formats.write_run(out, retrieved.run, tag="pairdistill-mine")

@@ -72,7 +72,7 @@ class RetrieverScorer:
     start = time.perf_counter()
     q = self.encoder.encode_queries(list(query_texts), self.batch_size)
     rows = [np.array([self._row[p] for p in pids], np.int64) for pids in candidates]
-    if self.encoder.kind == "dpr":
+    if not self.encoder.multi_vector:
       scores = [self._dense(q[i], r) for i, r in enumerate(rows)]
       on_batch(sum(len(r) for r in rows))
     else:

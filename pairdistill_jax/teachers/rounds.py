@@ -15,9 +15,9 @@ import pathlib
 import jax
 import ml_collections
 
-from pairdistill_jax import config_lib
-from pairdistill_jax.convert import students
+from pairdistill_jax import config_lib, paths
 from pairdistill_jax.teachers import load, mining, score
+from pairdistill_jax.train import loop
 
 _log = logging.getLogger(__name__)
 
@@ -32,15 +32,15 @@ def _with_workdir(template: str, first_round: pathlib.Path) -> str:
 
 
 def round_config(config: ml_collections.ConfigDict, previous: pathlib.Path | None, first_round: pathlib.Path,
-                 paths) -> ml_collections.ConfigDict:
+                 data: paths.DataPaths) -> ml_collections.ConfigDict:
   """A mining round's config: mine with and start from `previous` (None: the config's initial model)."""
   c = ml_collections.ConfigDict(config.to_dict())
   if previous is None:  # round 1: mine.model if set, else the initial model; pinned so a rerun uses the same
-    c.mine.model = c.mine.model or students.init_source(c)[1]
+    c.mine.model = c.mine.model or paths.init_source(c)[1]
   else:
     c.init.checkpoint = c.mine.model = str(previous)
     c.init.layers = ""  # the previous round's student is already cut
-  c.data.update(demo=False, collection=paths.collection, queries=paths.queries, train="")
+  c.data.update(demo=False, collection=data.collection, queries=data.queries, train="")
   if config.data.demo:
     for field in ("collection", "queries", "qrels"):
       c.eval[field] = _with_workdir(c.eval[field], first_round)
@@ -49,8 +49,6 @@ def round_config(config: ml_collections.ConfigDict, previous: pathlib.Path | Non
 
 def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, devices=None) -> list[dict]:
   """Runs `config.rounds.count` rounds; returns each round's training summary."""
-  from pairdistill_jax.train import loop  # noqa: PLC0415 (import cycle through checkpoint)
-
   count = config.rounds.count
   if count < 1:
     raise config_lib.ConfigError(f"rounds.count must be >= 1, got {count}")
@@ -70,15 +68,15 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
       if not config.data[field]:
         raise config_lib.ConfigError(f"data.{field} is empty: --mode=rounds mines data.queries from "
                                      f"data.collection (set --config.data.{field}=PATH)")
-  paths = loop.data_paths(config, first)
+  data = paths.data_paths(config, first)
   for r in range(len(summaries) + 1, count + 1):
     here = round_dir(workdir, r)
     previous = round_dir(workdir, r - 1) if r > 1 else None
-    c = round_config(config, previous, first, paths)
+    c = round_config(config, previous, first, data)
     config_lib.validate(c, jax.device_count(), need_data=False)  # before hours of mining and scoring
     _log.info("Round %d/%d in %s: mine with and start from %s", r, count, here, c.mine.model)
-    mining.mine(c, here, queries_path=paths.queries, collection_path=paths.collection)
-    scored = score.score(c, here, queries_path=paths.queries, collection_path=paths.collection,
+    mining.mine(c, here, queries_path=data.queries, collection_path=data.collection)
+    scored = score.score(c, here, queries_path=data.queries, collection_path=data.collection,
                          student=student_factory(c, here), devices=devices)
     c.data.train = str(scored.path)
     config_lib.validate(c, jax.device_count())

@@ -24,9 +24,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from pairdistill_jax import config_lib, distributed, sharding
+from pairdistill_jax import config_lib, distributed, paths, sharding
 from pairdistill_jax.data import formats, store
-from pairdistill_jax.retrieval import evaluate, metrics
+from pairdistill_jax.retrieval import metrics
 from pairdistill_jax.teachers import load, mining, pairs
 from pairdistill_jax.teachers.retriever import RetrieverScorer
 from pairdistill_jax.teachers.runner import ShardedScorer, Teacher, teacher_mesh
@@ -49,44 +49,47 @@ class Scored:
   skipped: bool = False
 
 
-def check_teacher_config(t: ml_collections.ConfigDict) -> None:
+def check_teacher_config(teacher_cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the `teacher.*` field to change."""
   for field in ("top_n", "nway", "topk", "max_distance", "chunk_queries", "bucket_multiple"):
-    if t[field] < 1:
-      raise ValueError(f"teacher.{field} must be >= 1, got {t[field]}")
-  if t.n_pairs < 0:
-    raise ValueError(f"teacher.n_pairs must be >= 0, got {t.n_pairs}")
-  if t.nway > t.top_n:
-    raise ValueError(f"teacher.nway={t.nway} exceeds teacher.top_n={t.top_n}: the lines keep the best nway of "
-                     f"the top_n scored passages")
+    if teacher_cfg[field] < 1:
+      raise ValueError(f"teacher.{field} must be >= 1, got {teacher_cfg[field]}")
+  if teacher_cfg.n_pairs < 0:
+    raise ValueError(f"teacher.n_pairs must be >= 0, got {teacher_cfg.n_pairs}")
+  if teacher_cfg.nway > teacher_cfg.top_n:
+    raise ValueError(f"teacher.nway={teacher_cfg.nway} exceeds teacher.top_n={teacher_cfg.top_n}: the lines keep "
+                     f"the best nway of the top_n scored passages")
   for role, kinds in (("pointwise", load.POINTWISE_KINDS), ("pairwise", load.PAIRWISE_KINDS)):
-    if t[role].kind not in kinds:
-      raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {t[role].kind!r}")
-    if t[role].batch_per_device < 1:
-      raise ValueError(f"teacher.{role}.batch_per_device must be >= 1, got {t[role].batch_per_device}")
+    if teacher_cfg[role].kind not in kinds:
+      raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {teacher_cfg[role].kind!r}")
+    if teacher_cfg[role].batch_per_device < 1:
+      raise ValueError(
+          f"teacher.{role}.batch_per_device must be >= 1, got {teacher_cfg[role].batch_per_device}")
 
 
-def settings(t: ml_collections.ConfigDict, run_path: pathlib.Path, queries: formats.TextSource,
+def settings(teacher_cfg: ml_collections.ConfigDict, run_path: pathlib.Path, queries: formats.TextSource,
              collection: formats.TextSource, pointwise: Teacher | load.RetrieverTeacher, tensor: int) -> dict:
   """What the output depends on; chunks of other settings are never mixed into it."""
-  roles = {role: {k: t[role][k] for k in ("kind", "model", "tokenizer", "max_length", "dtype")}
+  roles = {role: {k: teacher_cfg[role][k] for k in ("kind", "model", "tokenizer", "max_length", "dtype")}
            for role in ("pointwise", "pairwise")}
-  roles["pointwise"].update(resolved=pointwise.name, scale=_scale(t, pointwise))
+  roles["pointwise"].update(resolved=pointwise.name, scale=_scale(teacher_cfg, pointwise))
   # Not batch_per_device (a restart after running out of memory may lower it) nor the data/fsdp axes: rows
   # are scored independently. A tensor axis splits the sums inside each row, so its size is recorded.
   return {"run": str(run_path), "run_sha256": store.file_identity(run_path)["sha256"], "queries": str(queries.path),
           "collection": str(collection.path), "queries_read": queries.settings(),
           "collection_read": collection.settings(), **roles, "mesh_tensor": tensor,
-          **{k: t[k] for k in ("top_n", "nway", "topk", "max_distance", "n_pairs", "seed", "chunk_queries",
-                               "bucket_multiple")}}
+          **{k: teacher_cfg[k] for k in ("top_n", "nway", "topk", "max_distance", "n_pairs", "seed",
+                                         "chunk_queries", "bucket_multiple")}}
 
 
 def _ranked(scored: dict[str, float], top_n: int) -> list[str]:
   return [doc for doc, _ in metrics.ranked(scored)[:top_n]]
 
 
-def _scale(t: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher) -> float:
-  return pointwise.scale if isinstance(pointwise, load.RetrieverTeacher) else load.pointwise_scale(t.pointwise)
+def _scale(teacher_cfg: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher) -> float:
+  if isinstance(pointwise, load.RetrieverTeacher):
+    return pointwise.scale
+  return load.pointwise_scale(teacher_cfg.pointwise)
 
 
 def _count_and_check(run_path: pathlib.Path, queries, collection, queries_path, collection_path,
@@ -130,7 +133,7 @@ def _done_chunks(directory: pathlib.Path, count: int) -> np.ndarray:
 def _prepare_chunks(directory: pathlib.Path, manifest: dict) -> None:
   """Makes `directory` hold chunks of these settings only; refuses (on every process) chunks of others."""
   old = formats.read_record(directory / MANIFEST) if jax.process_index() == 0 else None
-  if distributed.agree(old is not None and old != manifest):
+  if distributed.process_0_decides(old is not None and old != manifest):
     changed = sorted(k for k in manifest.keys() | (old or {}).keys() if (old or {}).get(k) != manifest.get(k))
     raise ValueError(f"{directory} holds chunks scored with other settings (differing: "
                      f"{', '.join(changed) or 'see its manifest.json'}); delete it to start over, or set "
@@ -143,23 +146,26 @@ def _prepare_chunks(directory: pathlib.Path, manifest: dict) -> None:
   distributed.barrier("score chunks prepared")
 
 
-class _Teachers:
-  """The pointwise scorer (a model on the teacher mesh, or a retriever over its stored collection vectors) and
-  the pairwise one (or the pointwise-margin rule)."""
+class _TeacherScorers:
+  """The loaded teachers as scorers, which count their items and seconds: the pointwise one (a model on the
+  teacher mesh, or a retriever over its stored collection vectors) with the scale of its scores, and the
+  pairwise one (None: the pointwise-margin rule)."""
 
-  def __init__(self, t: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher,
+  def __init__(self, teacher_cfg: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher,
                pairwise: Teacher | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *, collection,
                corpus_dirs: tuple[pathlib.Path, pathlib.Path]):
-    self.scale = _scale(t, pointwise)
+    self.scale = _scale(teacher_cfg, pointwise)
     if isinstance(pointwise, load.RetrieverTeacher):
       self.pointwise = RetrieverScorer(
           pointwise.encoder, collection, reuse_dir=corpus_dirs[0], own_dir=corpus_dirs[1],
-          batch_size=t.pointwise.batch_per_device * pointwise.encoder.mesh.size)
+          batch_size=teacher_cfg.pointwise.batch_per_device * pointwise.encoder.mesh.size)
     else:
-      self.pointwise = ShardedScorer(pointwise, mesh, rules, batch_per_device=t.pointwise.batch_per_device,
-                                     bucket_multiple=t.bucket_multiple)
+      self.pointwise = ShardedScorer(pointwise, mesh, rules,
+                                     batch_per_device=teacher_cfg.pointwise.batch_per_device,
+                                     bucket_multiple=teacher_cfg.bucket_multiple)
     self.pairwise = None if pairwise is None else ShardedScorer(
-        pairwise, mesh, rules, batch_per_device=t.pairwise.batch_per_device, bucket_multiple=t.bucket_multiple)
+        pairwise, mesh, rules, batch_per_device=teacher_cfg.pairwise.batch_per_device,
+        bucket_multiple=teacher_cfg.bucket_multiple)
 
   def pointwise_scores(self, chunk: Sequence[tuple[str, list[str]]], queries, collection,
                        on_batch: Callable[[int], object]) -> list[np.ndarray]:
@@ -173,16 +179,18 @@ class _Teachers:
     return [(s * np.float32(self.scale)).astype(np.float32) for s in scores]
 
 
-def _score_chunk(chunk: Sequence[tuple[str, list[str]]], queries, collection, teachers: _Teachers,
-                 t: ml_collections.ConfigDict, on_batch: Callable[[int], object]) -> list[formats.TrainingExample]:
+def _score_chunk(chunk: Sequence[tuple[str, list[str]]], queries, collection, scorers: _TeacherScorers,
+                 teacher_cfg: ml_collections.ConfigDict,
+                 on_batch: Callable[[int], object]) -> list[formats.TrainingExample]:
   """Training lines of one chunk of (qid, candidate pids)."""
   lines = []
-  for (qid, pids), scores in zip(chunk, teachers.pointwise_scores(chunk, queries, collection, on_batch)):
-    order = np.argsort(-scores, kind="stable")[:t.nway]
-    selected = pairs.select_pairs(qid, len(order), topk=t.topk, max_distance=t.max_distance,
-                                  n_pairs=t.n_pairs, seed=t.seed) if t.pairwise.kind != "none" else []
+  for (qid, pids), scores in zip(chunk, scorers.pointwise_scores(chunk, queries, collection, on_batch)):
+    order = np.argsort(-scores, kind="stable")[:teacher_cfg.nway]
+    selected = pairs.select_pairs(
+        qid, len(order), topk=teacher_cfg.topk, max_distance=teacher_cfg.max_distance, n_pairs=teacher_cfg.n_pairs,
+        seed=teacher_cfg.seed) if teacher_cfg.pairwise.kind != "none" else []
     lines.append((qid, [pids[o] for o in order], scores[order], selected))
-  logps = _pair_log_probs(lines, queries, collection, teachers)
+  logps = _pair_log_probs(lines, queries, collection, scorers)
   examples, offset = [], 0
   for qid, line_pids, line_scores, selected in lines:
     line_logps = logps[offset:offset + len(selected)]
@@ -193,15 +201,15 @@ def _score_chunk(chunk: Sequence[tuple[str, list[str]]], queries, collection, te
   return examples
 
 
-def _pair_log_probs(lines, queries, collection, teachers: _Teachers) -> np.ndarray:
+def _pair_log_probs(lines, queries, collection, scorers: _TeacherScorers) -> np.ndarray:
   """log P(i beats j) for every selected pair of every line, in order."""
-  if teachers.pairwise is None:  # the pointwise teacher's margins: log σ(t_i − t_j)
+  if scorers.pairwise is None:  # the pointwise teacher's margins: log σ(t_i − t_j)
     margins = [s[i] - s[j] for _, _, s, selected in lines for i, j in selected]
     return -np.logaddexp(np.float32(0), -np.asarray(margins, np.float32))
   texts = [(queries[qid], collection[p[i]], collection[p[j]]) for qid, p, _, selected in lines for i, j in selected]
   if not texts:
     return np.zeros(0, np.float32)
-  return teachers.pairwise.score(teachers.pairwise.teacher.encode(texts))
+  return scorers.pairwise.score(scorers.pairwise.teacher.encode(texts))
 
 
 def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, queries_path: str,
@@ -213,68 +221,71 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   data.title_separator). student(cfg) -> Encoder builds a retriever teacher; devices (default: all) carry the
   teacher mesh.
   """
-  t = config.teacher
-  check_teacher_config(t)
+  teacher_cfg = config.teacher
+  check_teacher_config(teacher_cfg)
   start = time.perf_counter()
-  run_path, out = evaluate.resolve_path(t.run, workdir), evaluate.resolve_path(t.output, workdir)
+  run_path = paths.resolve_path(teacher_cfg.run, workdir)
+  out = paths.resolve_path(teacher_cfg.output, workdir)
   if not run_path.exists():
     raise FileNotFoundError(f"teacher.run: {run_path} does not exist; mine it first (--mode=mine)")
   queries_source = config_lib.data_source(config, queries_path, "queries")
   collection_source = config_lib.data_source(config, collection_path, "docs")
-  load.check_model_dirs(t)
-  mesh = teacher_mesh(t, devices)
-  pointwise = load.load(t.pointwise, "pointwise", student)
-  manifest = settings(t, run_path, queries_source, collection_source, pointwise, mesh.shape["tensor"])
+  load.check_model_dirs(teacher_cfg)
+  mesh = teacher_mesh(teacher_cfg, devices)
+  pointwise = load.load(teacher_cfg.pointwise, "pointwise", student)
+  manifest = settings(teacher_cfg, run_path, queries_source, collection_source, pointwise, mesh.shape["tensor"])
   recorded = formats.read_record(formats.sidecar(out)) or {}
-  if distributed.agree(out.exists() and recorded.get("settings") == manifest):
+  if distributed.process_0_decides(out.exists() and recorded.get("settings") == manifest):
     _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
     return Scored(out, -1, -1, 0.0, 0.0, 0.0, skipped=True)
   queries, collection = queries_source.read(), collection_source.read()
-  n_queries, n_passages = _count_and_check(run_path, queries, collection, queries_path, collection_path, t.top_n)
-  pairwise = None if t.pairwise.kind in ("none", "pointwise") else load.load(t.pairwise, "pairwise")
+  n_queries, n_passages = _count_and_check(run_path, queries, collection, queries_path, collection_path,
+                                           teacher_cfg.top_n)
+  pairwise = (None if teacher_cfg.pairwise.kind in ("none", "pointwise")
+              else load.load(teacher_cfg.pairwise, "pairwise"))
   corpus_dirs = (mining.corpus_location(config, workdir, run_path), out.parent / TEACHER_CORPUS_DIR)
-  teachers = _Teachers(t, pointwise, pairwise, mesh, sharding.rules(config), collection=collection,
-                       corpus_dirs=corpus_dirs)
+  scorers = _TeacherScorers(teacher_cfg, pointwise, pairwise, mesh, sharding.rules(config), collection=collection,
+                            corpus_dirs=corpus_dirs)
 
   chunk_dir = out.with_name(out.name + CHUNKS_SUFFIX)
   _prepare_chunks(chunk_dir, manifest)
-  n_chunks = -(-n_queries // t.chunk_queries)
+  n_chunks = -(-n_queries // teacher_cfg.chunk_queries)
   done = _done_chunks(chunk_dir, n_chunks)
   _log.info("Scoring %d queries of %s with %s and %s on mesh %s: %d chunks, %d already done", n_queries,
-            run_path, pointwise.name, pairwise.name if pairwise else f"pairwise={t.pairwise.kind}",
+            run_path, pointwise.name, pairwise.name if pairwise else f"pairwise={teacher_cfg.pairwise.kind}",
             dict(mesh.shape), n_chunks, int(done.sum()))
   bar = tqdm.tqdm(total=n_passages, unit="passage", disable=jax.process_index() != 0, desc="score",
                   dynamic_ncols=True)
-  for index, chunk in enumerate(_chunks(run_path, t.top_n, t.chunk_queries)):
+  for index, chunk in enumerate(_chunks(run_path, teacher_cfg.top_n, teacher_cfg.chunk_queries)):
     if not done[index]:
-      examples = _score_chunk(chunk, queries, collection, teachers, t, bar.update)
+      examples = _score_chunk(chunk, queries, collection, scorers, teacher_cfg, bar.update)
       if jax.process_index() == 0:
         formats.write_training_lines(_chunk_path(chunk_dir, index), examples)
-      bar.set_postfix(_rates(teachers), refresh=False)
+      bar.set_postfix(_rates(scorers), refresh=False)
     else:
       bar.update(sum(len(pids) for _, pids in chunk))
   bar.close()
   num_pairs = _join_chunks(chunk_dir, n_chunks, out, manifest)
-  _remove_teacher_corpus(teachers, config)
+  _remove_teacher_corpus(scorers, config)
   seconds = time.perf_counter() - start
-  rates = _rates(teachers)
+  rates = _rates(scorers)
   _log.info("Scored %s: %d queries, %d pairs in %.1f s (%s)", out, n_queries, num_pairs, seconds,
             ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
   return Scored(out, n_queries, num_pairs, seconds, rates["passages/s"], rates.get("pairs/s", 0.0))
 
 
-def _remove_teacher_corpus(teachers: _Teachers, config: ml_collections.ConfigDict) -> None:
+def _remove_teacher_corpus(scorers: _TeacherScorers, config: ml_collections.ConfigDict) -> None:
   """A retriever teacher's collection vectors are deleted once the lines are written (also the mining run's,
   which mining kept for this reuse), unless mine.keep_corpus."""
-  if isinstance(teachers.pointwise, RetrieverScorer) and not config.mine.keep_corpus and jax.process_index() == 0:
-    shutil.rmtree(teachers.pointwise.corpus_dir, ignore_errors=True)
+  if isinstance(scorers.pointwise, RetrieverScorer) and not config.mine.keep_corpus and jax.process_index() == 0:
+    shutil.rmtree(scorers.pointwise.corpus_dir, ignore_errors=True)
   distributed.barrier("teacher corpus removed")
 
 
-def _rates(teachers: _Teachers) -> dict[str, float]:
-  rates = {"passages/s": teachers.pointwise.items_scored / max(teachers.pointwise.seconds, 1e-9)}
-  if teachers.pairwise is not None:
-    rates["pairs/s"] = teachers.pairwise.items_scored / max(teachers.pairwise.seconds, 1e-9)
+def _rates(scorers: _TeacherScorers) -> dict[str, float]:
+  rates = {"passages/s": scorers.pointwise.items_scored / max(scorers.pointwise.seconds, 1e-9)}
+  if scorers.pairwise is not None:
+    rates["pairs/s"] = scorers.pairwise.items_scored / max(scorers.pairwise.seconds, 1e-9)
   return rates
 
 

@@ -1,4 +1,5 @@
-"""The training loop: data, model, sharded state, the jitted step, logging and the run summary.
+"""The training loop: data, model, sharded state (what it starts from: train/start.py), the jitted step,
+metric windows (train/metrics_log.py), checkpoints and the run summary.
 
 Per `train.log_every` steps it writes the mean of each metric over the window (every loss term, pair and
 top-1 agreement, lr, grad norm) plus queries/s, tokens/s and step time to `WORKDIR/metrics.jsonl` and to
@@ -7,8 +8,6 @@ TensorBoard (`WORKDIR/tensorboard`), and shows a progress bar with the ETA.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -20,11 +19,11 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from pairdistill_jax import checkpoint, config_lib, distributed, sharding
-from pairdistill_jax.convert.students import import_student, init_source, tokenizer_dir
-from pairdistill_jax.data import demo, formats, pipeline
-from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
-from pairdistill_jax.models.students import make_student
+from pairdistill_jax import checkpoint, config_lib, distributed, paths, sharding, students
+from pairdistill_jax.convert.students import import_student
+from pairdistill_jax.data import pipeline
+from pairdistill_jax.data.tokenization import student_tokenizer
+from pairdistill_jax.train import start
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train.metrics_log import MetricsLog
 from pairdistill_jax.train.preemption import PreemptionWatcher
@@ -33,46 +32,6 @@ from pairdistill_jax.train.step import make_train_step
 
 class NonFiniteLossError(ArithmeticError):
   """Training produced a non-finite loss or gradient; the state of that step was not applied."""
-
-
-@dataclasses.dataclass
-class DataPaths:
-  train: str
-  collection: str
-  queries: str
-  tokenizer: str
-
-
-def data_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> DataPaths:
-  """Where the training files and tokenizer are; the demo's are generated into WORKDIR/demo_data."""
-  if config.data.demo:
-    root = workdir / "demo_data"
-    if jax.process_index() == 0:
-      demo.ensure(root, nway=config.data.nway, n_pairs=config.data.max_pairs)
-    distributed.barrier("demo data written")
-    return DataPaths(str(root / "train.jsonl"), str(root / "collection.tsv"), str(root / "queries.train.tsv"),
-                     config.init.tokenizer or str(root / "tokenizer"))
-  return DataPaths(config.data.train, config.data.collection, config.data.queries,
-                   tokenizer_dir(config))
-
-
-def make_tokenizer(config: ml_collections.ConfigDict, directory: str):
-  """The student's tokenizer (ColBERT markers and [MASK] augmentation, or plain DPR)."""
-  m = config.model
-  tokenizer = load_tokenizer(directory)
-  if m.kind == "colbert":
-    return ColBERTTokenizer(tokenizer, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen,
-                            mask_punctuation=m.mask_punctuation, attend_to_mask_tokens=m.attend_to_mask_tokens)
-  return DPRTokenizer(tokenizer, query_maxlen=m.query_maxlen, doc_maxlen=m.doc_maxlen)
-
-
-def host_batches(config: ml_collections.ConfigDict, paths: DataPaths, tokenizer,
-                 start_step: int = 0) -> pipeline.TrainIterator:
-  """This process's share of each global batch, as numpy arrays, from `start_step` on (data.pipeline).
-
-  The returned iterator's `get_state`/`set_state` are what checkpoints save and restore.
-  """
-  return pipeline.train_iterator(config, paths, tokenizer, start_step=start_step)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -87,19 +46,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
   logging.info("Mesh: %s", dict(mesh.shape))
-  paths = data_paths(config, workdir)
-  tokenizer = make_tokenizer(config, paths.tokenizer)
+  data = paths.data_paths(config, workdir)
+  tokenizer = student_tokenizer(config.model, data.tokenizer)
   bert_config, pretrained = import_student(config, vocab_size=len(tokenizer.tokenizer))
   if bert_config.max_position_embeddings < max(config.model.query_maxlen, config.model.doc_maxlen):
     raise ValueError(f"model.doc_maxlen/query_maxlen exceed the model's {bert_config.max_position_embeddings} "
                      f"positions")
-  model = make_student(config.model, bert_config)
-  logging.info("Run: %s", run_settings(config, bert_config, mesh))
+  model = students.make_student(config.model, bert_config)
+  logging.info("Run: %s", start.run_settings(config, bert_config, mesh))
   if evaluate is None and config.train.eval_every and config.eval.collection:
     from pairdistill_jax.retrieval.evaluate import evaluate_params  # noqa: PLC0415 (faiss only when used)
 
     def evaluate(step, params):
-      return evaluate_params(config, bert_config, params, paths.tokenizer, workdir, step=step)
+      return evaluate_params(config, bert_config, params, data.tokenizer, workdir, step=step)
   tx = state_lib.optimizer(config)
   rng = jax.random.PRNGKey(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -110,13 +69,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   try:
     with jax.set_mesh(mesh):
       state, shardings = state_lib.create(model, tx, config, mesh, init_rng)
-      state, data_state = _initial_state(config, workdir, checkpointer, state, shardings, pretrained)
+      state, data_state = start.initial_state(config, workdir, checkpointer, state, shardings, pretrained)
       distributed.assert_same_on_all_hosts(int(state.step), "step to resume from")
       if jax.process_index() == 0:  # after the checkpoints were found to fit this config
-        checkpoint.save_model_info(workdir, config, bert_config, paths.tokenizer)
+        checkpoint.save_model_info(workdir, config, bert_config, data.tokenizer)
       step_fn = make_train_step(model, tx, config, mesh, shardings)
       batch_sh = sharding.batch_sharding(mesh, sharding.rules(config))
-      batches = host_batches(config, paths, tokenizer, start_step=int(state.step))
+      batches = pipeline.train_iterator(config, data, tokenizer, start_step=int(state.step))
       if data_state is not None:
         try:  # checks the data and its order are those the checkpoint saw
           batches.set_state(data_state)
@@ -128,50 +87,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         batches.close()
   finally:
     checkpointer.close()
-
-
-def run_settings(config: ml_collections.ConfigDict, bert_config, mesh) -> str:
-  """The effective settings of a run in one line: what it starts from, the student, its inputs, the mesh."""
-  m, field, directory = config.model, *init_source(config)
-  start = f"init.{field}={directory}" if field else "a random init"
-  if config.init.layers:
-    start += f" (layers {config.init.layers})"
-  student = f"{m.kind} {bert_config.num_hidden_layers}x{bert_config.hidden_size}"
-  student += (f", dim {m.dim}" if m.kind == "colbert" else
-              f", {m.pooling} pooling{', normalised' if m.normalize else ''}, shared towers {m.shared_towers}")
-  return (f"{student} from {start}; query/doc maxlen {m.query_maxlen}/{m.doc_maxlen}, dtype {m.dtype}, "
-          f"dropout {bert_config.hidden_dropout_prob}/{bert_config.attention_probs_dropout_prob}, title separator "
-          f"{formats.title_separator(config.data.title_separator, m.kind)!r}; batch {config.train.batch_size} x "
-          f"nway {config.data.nway} (grad_accum {config.train.grad_accum}), {config.train.steps} steps, "
-          f"lr {config.optim.lr}; mesh {dict(mesh.shape)}")
-
-
-def _initial_state(config, workdir, checkpointer, state, shardings, pretrained):
-  """Resume order: the workdir's newest usable checkpoint, then init.checkpoint / init.pretrained (their
-  weights in `pretrained`), then the random init in `state`. Returns (state, data-iterator state).
-
-  Checkpoints of another model are refused (CheckpointMismatchError), or with `train.overwrite` deleted."""
-  try:
-    restored = checkpointer.restore_latest(state, shardings)
-  except checkpoint.CheckpointMismatchError as e:
-    if not config.train.overwrite:
-      raise
-    logging.warning("train.overwrite: deleting the checkpoints of another model (%s)", str(e).split(":")[0])
-    checkpointer.delete_all()
-    restored = None
-  if restored is not None:
-    step, state, data_state = restored
-    logging.info("Resuming from %s/%s/%d", workdir, checkpoint.CHECKPOINT_DIR, step)
-    return state, data_state
-  field, directory = init_source(config)
-  if field:
-    logging.info("Starting from init.%s=%s", field, directory)
-  else:
-    logging.info("Starting from a random init")
-    if config.model.kind == "dpr" and not config.model.shared_towers:
-      # As with a pretrained init, both towers start from the same weights.
-      pretrained = {"passage_encoder": jax.tree.map(np.asarray, state.params["query_encoder"])}
-  return state_lib.with_pretrained(state, shardings, pretrained), None
 
 
 def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, evaluate) -> dict:

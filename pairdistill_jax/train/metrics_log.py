@@ -15,9 +15,7 @@ import pathlib
 import tensorboardX
 
 from pairdistill_jax.data import formats
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from pairdistill_jax.paths import METRICS_FILE, TENSORBOARD_DIR
 
 
 def _kept_records(path: pathlib.Path, up_to_step: int) -> list[dict]:

@@ -15,17 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from pairdistill_jax import losses, sharding
-from pairdistill_jax.models import scoring
+from pairdistill_jax import sharding, students
 from pairdistill_jax.train.state import TrainState, learning_rate
 
 Batch = Mapping[str, jax.Array]
-
-
-def in_batch_group(config: ml_collections.ConfigDict, micro_batch: int) -> int:
-  """Queries that share in-batch negatives: loss.in_batch_group, or the whole micro-batch for -1."""
-  group = config.loss.in_batch_group
-  return micro_batch if group == -1 else group
 
 
 def student_vectors(model: nn.Module, config: ml_collections.ConfigDict, params, batch: Batch,
@@ -48,24 +41,9 @@ def student_vectors(model: nn.Module, config: ml_collections.ConfigDict, params,
 
 def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params, batch: Batch,
                  rng: jax.Array) -> tuple[jax.Array, dict]:
-  """The student's total PairDistill loss on one (micro-)batch, and its metrics."""
-  m, loss_cfg = config.model, config.loss
+  """The student's total PairDistill loss on one (micro-)batch (its kind's `loss`), and its metrics."""
   q, d = student_vectors(model, config, params, batch, rng)
-  batch_size, nway, doc_len = batch["d_ids"].shape
-  if m.kind == "colbert":
-    d_BxNxLdxD = d.reshape(batch_size, nway, doc_len, -1)
-    group = in_batch_group(config, batch_size) if loss_cfg.in_batch else 1
-    maxsim = functools.partial(scoring.maxsim, chunk=loss_cfg.maxsim_chunk)
-    scores_BxGN = scoring.grouped_scores(maxsim, q, d_BxNxLdxD, batch["d_score_mask"], group_size=group)
-    scores_BxN = scoring.own_block(scores_BxGN, nway, group)
-    return losses.colbert_loss(scores_BxN, scores_BxGN if loss_cfg.in_batch else None, batch,
-                               temperature=loss_cfg.temperature, pair_alpha=loss_cfg.pair_alpha,
-                               in_batch_group=group, kd_weight=loss_cfg.kd_weight)
-  d_BxNxD = d.reshape(batch_size, nway, -1)
-  scores_BxBN = scoring.grouped_scores(scoring.dot, q, d_BxNxD, group_size=batch_size)
-  return losses.dpr_loss(scores_BxBN, batch, temperature=loss_cfg.temperature,
-                         pair_alpha=loss_cfg.pair_alpha, workers=loss_cfg.dpr_workers,
-                         kd_weight=loss_cfg.kd_weight, in_batch=loss_cfg.in_batch)
+  return students.get(config.model.kind).loss(q, d, batch, config)
 
 
 def split_micro_batches(batch: Batch, k: int) -> Batch:

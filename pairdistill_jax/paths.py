@@ -1,0 +1,79 @@
+"""Where things are: the workdir's layout, config paths that name `{workdir}`, the training files and tokenizer
+of a config (the demo's written on first use), and the weights a run starts from.
+
+WORKDIR/
+  .lock            the running command's lock (workdir.py)
+  checkpoints/     Orbax train states (checkpoint.py)
+  model/           config.json, bert_config.json, tokenizer/: what export and evaluation need
+  metrics.jsonl, tensorboard/   the training curves (train/metrics_log.py)
+  eval/            run.trec, metrics.json of --mode=evaluate and the periodic dev evaluation
+  demo_data/       the demo's generated data (`:demo` configs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import jax
+import ml_collections
+
+from pairdistill_jax import distributed
+from pairdistill_jax.data import demo
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+EVAL_DIR = "eval"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+DEMO_DATA_DIR = "demo_data"
+
+
+def resolve_path(template: str, workdir: str | os.PathLike) -> pathlib.Path:
+  """A config path that may name {workdir}."""
+  return pathlib.Path(template.format(workdir=workdir))
+
+
+def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(field, directory) of the weights a fresh run starts from; ('', '') for a random init."""
+  for field in ("checkpoint", "pretrained"):
+    if config.init[field]:
+      return field, config.init[field]
+  return "", ""
+
+
+def is_workdir(directory: str | os.PathLike) -> bool:
+  """Whether `directory` is a training workdir of ours (rather than an HF / stanford ColBERT directory)."""
+  return os.path.exists(os.path.join(directory, MODEL_DIR, "config.json"))
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+  """init.tokenizer, else the tokenizer of the weights the run starts from."""
+  if config.init.tokenizer:
+    return config.init.tokenizer
+  _, directory = init_source(config)
+  return os.path.join(directory, MODEL_DIR, "tokenizer") if is_workdir(directory) else directory
+
+
+@dataclasses.dataclass
+class DataPaths:
+  """Where a run's training files and tokenizer are."""
+
+  train: str
+  collection: str
+  queries: str
+  tokenizer: str
+
+
+def data_paths(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataPaths:
+  """The training files and tokenizer of `config`; the demo's are generated into WORKDIR/demo_data (process 0,
+  once)."""
+  if config.data.demo:
+    root = pathlib.Path(workdir) / DEMO_DATA_DIR
+    if jax.process_index() == 0:
+      demo.ensure(root, nway=config.data.nway, n_pairs=config.data.max_pairs)
+    distributed.barrier("demo data written")
+    return DataPaths(str(root / "train.jsonl"), str(root / "collection.tsv"), str(root / "queries.train.tsv"),
+                     config.init.tokenizer or str(root / "tokenizer"))
+  return DataPaths(config.data.train, config.data.collection, config.data.queries, tokenizer_dir(config))

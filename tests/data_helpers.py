@@ -1,0 +1,44 @@
+"""Test helpers: batches tokenised on the fly, BEIR writers and in-memory stores (what the package reads from
+files and stores, built directly)."""
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from pairdistill_jax.data import batching
+from pairdistill_jax.data.formats import PathLike, TrainingExample, atomic_write
+from pairdistill_jax.retrieval import corpus
+
+
+def make_batch(examples: Sequence[TrainingExample], collection: Mapping[str, str],
+               queries: Mapping[str, str], tokenizer, *, nway: int, max_pairs: int) -> dict[str, np.ndarray]:
+  """Tokenises `examples` (B = len(examples)) into the layout of data.batching, as the pipeline's stores do."""
+  targets = batching.pack_targets(examples, nway=nway, max_pairs=max_pairs)
+  texts = []
+  for ex in examples:
+    kept = [collection[pid] for pid in ex.pids[:nway]]
+    texts.extend(kept + [""] * (nway - len(kept)))
+  return batching.assemble_batch(tokenizer.encode_queries([queries[ex.qid] for ex in examples]),
+                                 tokenizer.encode_docs(texts), targets)
+
+
+def write_beir_corpus(path: PathLike, docs: Mapping[str, Mapping[str, str]]) -> None:
+  """Writes BEIR corpus.jsonl lines `{"_id", "title", "text"}` from {id: {"title": ..., "text": ...}}."""
+  with atomic_write(path) as f:
+    for doc_id, doc in docs.items():
+      if "text" not in doc:
+        raise ValueError(f"document {doc_id!r} has no 'text'")
+      f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""), "text": doc["text"]}) + "\n")
+
+
+def write_beir_queries(path: PathLike, queries: Mapping[str, str]) -> None:
+  """Writes BEIR queries.jsonl lines `{"_id", "text"}`."""
+  with atomic_write(path) as f:
+    for qid, text in queries.items():
+      f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+
+
+def token_store(vectors_TxD: np.ndarray, lengths_N: np.ndarray) -> corpus.TokenStore:
+  """A multi-vector store of one chunk holding every document."""
+  return corpus.TokenStore([vectors_TxD], lengths_N, chunk_size=max(len(lengths_N), 1))

@@ -30,7 +30,7 @@ tpu ssh "$TPU_NAME" --worker=all --command "
   mkdir -p ~/pairdistill_jax && tar -xzf ~/pairdistill_jax.tar.gz -C ~/pairdistill_jax
   cd ~/pairdistill_jax
   python3 -m venv .venv
-  .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' && .venv/bin/pip install -q --no-deps -e .
+  .venv/bin/pip install -q -r requirements-tpu.txt && .venv/bin/pip install -q --no-deps -e .
   if ! mountpoint -q /gcs; then
     command -v gcsfuse >/dev/null || { echo 'gcsfuse is missing on this worker: install it (Cloud Storage FUSE) or use a runtime image that has it' >&2; exit 1; }
     sudo mkdir -p /gcs && sudo chown \$USER /gcs && gcsfuse --implicit-dirs $BUCKET /gcs

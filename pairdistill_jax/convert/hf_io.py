@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import shutil
-import struct
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,6 +18,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from pairdistill_jax.convert.bert_table import flax_to_hf, hf_to_flax
@@ -42,12 +42,7 @@ _ANCHOR = "embeddings.word_embeddings.weight"  # the key that marks a BERT in a 
 _MLM_HEAD = "cls."
 _COLBERT_LINEAR = "linear.weight"
 
-# safetensors dtype codes; safetensors.numpy cannot read BF16, so the file is parsed here.
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
+# Importing ml_dtypes registers 'bfloat16' with numpy, which safe_open(framework='numpy') needs for BF16.
 _HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 _log = logging.getLogger(__name__)
@@ -58,20 +53,8 @@ def _to_float32_if_half(x: np.ndarray) -> np.ndarray:
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
-  header.pop("__metadata__", None)
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-  tensors = {}
-  for name, info in header.items():
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader "
-                       f"does not handle (known: {sorted(_SAFETENSORS_DTYPES)}).")
-    begin, end = info["data_offsets"]
-    raw = data[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    tensors[name] = _to_float32_if_half(np.array(raw))
-  return tensors
+  with safetensors.safe_open(str(path), framework="numpy") as f:
+    return {name: _to_float32_if_half(f.get_tensor(name)) for name in f.keys()}
 
 
 def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -80,10 +80,11 @@ def eval_fields() -> dict:
   (auto: exact up to exact_max_tokens document tokens, then ColBERTv1 IVF-PQ candidates + exact MaxSim),
   auto|flat|ivfpq for DPR (auto: flat); vector_dtype: how the corpus vectors are stored, float32 (exact) or
   float16 (half the disk and memory for big collections; moves the scores by about 1e-3); corpus_dir: where
-  the corpus embeddings are kept ('' = WORKDIR/eval/corpus; may use {workdir}): mining and evaluating one
-  model may share it (mine.corpus_dir), so the collection is encoded once.
+  the corpus embeddings are kept ('' = beside the results, e.g. WORKDIR/eval/corpus; may use {workdir}): mining
+  and evaluating one model may share it (mine.corpus_dir), so the collection is encoded once. drop_self: never
+  retrieve the document whose id is the query's ('auto': for format 'beir', BEIR's convention; 'true' / 'false').
   """
-  return dict(collection="", queries="", qrels="", format="tsv", split="test", k=1000,
+  return dict(collection="", queries="", qrels="", format="tsv", split="test", k=1000, drop_self="auto",
               metrics="nDCG@10,RR@10,R@50,R@100,R@200,R@1000,Success@5", **search_fields())
 
 
@@ -226,15 +227,15 @@ def data_source(config: ml_collections.ConfigDict, path: str, field: str) -> for
 
 def _check_data_files(config: ml_collections.ConfigDict) -> None:
   """data.train exists; data.collection and data.queries are files or BEIR directories of a known format."""
-  d = config.data
+  data_cfg = config.data
   for field in ("train", "collection", "queries"):
-    _require(bool(d[field]), f"data.{field} is empty: set --config.data.{field}=PATH (or use the :demo variant)")
-  _require("://" in d.train or os.path.exists(d.train), f"data.train: {d.train} does not exist")
+    _require(bool(data_cfg[field]), f"data.{field} is empty: set --config.data.{field}=PATH (or use the :demo variant)")
+  _require("://" in data_cfg.train or os.path.exists(data_cfg.train), f"data.train: {data_cfg.train} does not exist")
   for field, kind in (("collection", "docs"), ("queries", "queries")):
-    if "://" in d[field]:
+    if "://" in data_cfg[field]:
       continue
     try:
-      data_source(config, d[field], kind)
+      data_source(config, data_cfg[field], kind)
     except (OSError, ValueError) as e:
       raise ConfigError(f"data.{field}: {e}") from None
 
@@ -265,39 +266,42 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
 
   need_data=False skips the data files (the benchmark trains on synthetic batches).
   """
-  m, t, d, loss, o = config.model, config.train, config.data, config.loss, config.optim
-  student = students.get(m.kind)
-  _require(m.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}, got {m.dtype!r}")
-  _require(m.remat in REMAT_POLICIES, f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {m.remat!r}")
-  _require(m.attention in ATTENTION_KERNELS,
-           f"model.attention must be one of {ATTENTION_KERNELS}, got {m.attention!r}")
-  _require(m.attention == "einsum" or m.bert.attention_probs_dropout_prob == 0,
-           f"model.attention={m.attention!r} has no attention-probability dropout: set "
+  model_cfg, train_cfg, data_cfg = config.model, config.train, config.data
+  loss_cfg, optim_cfg = config.loss, config.optim
+  student = students.get(model_cfg.kind)
+  _require(model_cfg.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}, got {model_cfg.dtype!r}")
+  _require(model_cfg.remat in REMAT_POLICIES,
+           f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {model_cfg.remat!r}")
+  _require(model_cfg.attention in ATTENTION_KERNELS,
+           f"model.attention must be one of {ATTENTION_KERNELS}, got {model_cfg.attention!r}")
+  _require(model_cfg.attention == "einsum" or model_cfg.bert.attention_probs_dropout_prob == 0,
+           f"model.attention={model_cfg.attention!r} has no attention-probability dropout: set "
            f"--config.model.bert.attention_probs_dropout_prob=0 or --config.model.attention=einsum")
-  _require(m.query_maxlen >= 3, f"model.query_maxlen={m.query_maxlen} leaves no room for query tokens")
-  _require(m.doc_maxlen >= 4, f"model.doc_maxlen={m.doc_maxlen} leaves no room for document tokens")
-  _require(d.nway >= 2, f"data.nway must be at least 2, got {d.nway}")
-  _require(d.max_pairs >= 0, f"data.max_pairs must be >= 0, got {d.max_pairs}")
-  _require(d.num_workers >= 0 and d.prefetch >= 0,
-           f"data.num_workers and data.prefetch must be >= 0, got {d.num_workers} and {d.prefetch}")
-  _require(d.tokenize_workers >= -1, f"data.tokenize_workers must be >= -1 (-1: one per CPU), got "
-           f"{d.tokenize_workers}")
-  if need_data and not d.demo:
+  _require(model_cfg.query_maxlen >= 3, f"model.query_maxlen={model_cfg.query_maxlen} leaves no room for query tokens")
+  _require(model_cfg.doc_maxlen >= 4, f"model.doc_maxlen={model_cfg.doc_maxlen} leaves no room for document tokens")
+  _require(data_cfg.nway >= 2, f"data.nway must be at least 2, got {data_cfg.nway}")
+  _require(data_cfg.max_pairs >= 0, f"data.max_pairs must be >= 0, got {data_cfg.max_pairs}")
+  _require(data_cfg.num_workers >= 0 and data_cfg.prefetch >= 0,
+           f"data.num_workers and data.prefetch must be >= 0, got {data_cfg.num_workers} and {data_cfg.prefetch}")
+  _require(data_cfg.tokenize_workers >= -1, f"data.tokenize_workers must be >= -1 (-1: one per CPU), got "
+           f"{data_cfg.tokenize_workers}")
+  if need_data and not data_cfg.demo:
     _check_data_files(config)
-  _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
-  _require(t.batch_size % t.grad_accum == 0,
-           f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-  micro = t.batch_size // t.grad_accum
+  _require(train_cfg.batch_size >= 1 and train_cfg.grad_accum >= 1,
+           "train.batch_size and train.grad_accum must be >= 1")
+  _require(train_cfg.batch_size % train_cfg.grad_accum == 0,
+           f"train.batch_size={train_cfg.batch_size} is not divisible by train.grad_accum={train_cfg.grad_accum}")
+  micro = train_cfg.batch_size // train_cfg.grad_accum
   axes = mesh_shape(config, num_devices)
   batch_shards = axes["data"] * axes["fsdp"]
   _require(micro % batch_shards == 0,
            f"micro-batch {micro} (train.batch_size / train.grad_accum) is not divisible by the "
            f"{batch_shards} batch shards of mesh {axes}: change train.batch_size or mesh.data/mesh.fsdp")
   student.validate(config, micro)
-  _require(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
-  _require(loss.kd_weight >= 0 and loss.pair_alpha >= 0,
-           f"loss.kd_weight and loss.pair_alpha must be >= 0, got {loss.kd_weight} and {loss.pair_alpha}")
-  _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-  _require(0 <= o.warmup_steps <= t.steps,
-           f"optim.warmup_steps={o.warmup_steps} must lie in [0, train.steps={t.steps}]")
-  _require(o.clip_norm > 0, f"optim.clip_norm must be > 0, got {o.clip_norm}")
+  _require(loss_cfg.temperature > 0, f"loss.temperature must be > 0, got {loss_cfg.temperature}")
+  _require(loss_cfg.kd_weight >= 0 and loss_cfg.pair_alpha >= 0,
+           f"loss.kd_weight and loss.pair_alpha must be >= 0, got {loss_cfg.kd_weight} and {loss_cfg.pair_alpha}")
+  _require(optim_cfg.lr > 0, f"optim.lr must be > 0, got {optim_cfg.lr}")
+  _require(0 <= optim_cfg.warmup_steps <= train_cfg.steps,
+           f"optim.warmup_steps={optim_cfg.warmup_steps} must lie in [0, train.steps={train_cfg.steps}]")
+  _require(optim_cfg.clip_norm > 0, f"optim.clip_norm must be > 0, got {optim_cfg.clip_norm}")

@@ -5,8 +5,9 @@
                       WORKDIR/export): stanford ColBERT + PyLate, or sentence-transformers + transformers DPR
   --mode=evaluate     evaluate the workdir's latest checkpoint, or --model_dir (a stanford ColBERT / HF /
                       sentence-transformers directory, --pooling=cls|mean), or with --init the student the
-                      config starts from (before training), on config.eval; writes
-                      WORKDIR/eval/run.trec and metrics.json and prints the metrics table
+                      config starts from (before training), on config.eval; writes WORKDIR/eval/run.trec
+                      and metrics.json (an earlier run moves to eval/earlier/<model>-<time>/; --eval_name=NAME
+                      writes WORKDIR/eval/NAME/ instead) and prints the metrics table
   --mode=benchmark    time the train step (and encoding, scaling over devices, variants, the teachers'
                       throughput: config.benchmark) on synthetic batches; prints BENCHMARK {json} lines and
                       appends them to WORKDIR/benchmark.jsonl
@@ -18,7 +19,8 @@
                       scores and trains from the previous student (round 1: from config.init, or it trains
                       on data.train when the config has training lines)
 
-Any config field can be overridden: `--config.optim.lr=2e-5 --config.train.batch_size=64`.
+Any config field can be overridden: `--config.optim.lr=2e-5 --config.train.batch_size=64`; JAX's flags are
+accepted too (`--jax_platforms=cpu`, `--jax_default_matmul_precision=float32`, ...).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "--mode=evaluate: evaluate t
                                  "sentence-transformers directory instead of the workdir's checkpoint.")
 _INIT = flags.DEFINE_bool("init", False, "--mode=evaluate: evaluate the student the config starts from "
                           "(init.checkpoint / init.pretrained, init.layers), i.e. before training.")
+_EVAL_NAME = flags.DEFINE_string("eval_name", "", "--mode=evaluate: write the run and metrics to WORKDIR/eval/NAME/ "
+                                  "(default: WORKDIR/eval/, where an earlier run moves to eval/earlier/).")
 _POOLING = flags.DEFINE_enum("pooling", None, ["cls", "mean"], "--mode=evaluate --model_dir: pooling of an HF "
                              "model (default: its sentence-transformers Pooling config).")
 
@@ -99,6 +103,9 @@ def main(argv: list[str]) -> int:
   mode = _MODE.value
   if not _WORKDIR.value:
     fail("--workdir is required")
+  if "://" in _WORKDIR.value:
+    fail(f"--workdir={_WORKDIR.value}: bucket URLs are not supported yet; mount the bucket (gcsfuse, as "
+         "launch/tpu_pod.sh does) and pass its local path")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     return run_mode(config, mode)
@@ -224,12 +231,20 @@ def run_benchmark(config, workdir: str) -> int:
 def run_evaluate(config, workdir: str) -> int:
   """--mode=evaluate: the latest checkpoint (or --model_dir, or --init) on config.eval; prints the metrics
   table. Data that cannot be evaluated (ValueError: no judged query or relevant document found) is one line."""
+  from pairdistill_jax import paths  # noqa: PLC0415
   from pairdistill_jax.retrieval import eval_data, evaluate  # noqa: PLC0415
 
   try:
     eval_data.check_eval_config(config.eval)
   except ValueError as e:
     fail(f"invalid config: {e}")
+  if config.data.demo:
+    paths.data_paths(config, workdir)  # the demo's evaluation files, written on first use
+  if _EVAL_NAME.value in (".", "..", "earlier", "corpus") or "/" in _EVAL_NAME.value:
+    fail(f"--eval_name={_EVAL_NAME.value!r}: give a plain name (not a path, 'earlier' or 'corpus')")
+  out_dir = pathlib.Path(workdir) / paths.EVAL_DIR / _EVAL_NAME.value
+  if not _EVAL_NAME.value:
+    evaluate.keep_earlier_run(out_dir)
   if _INIT.value:
     what = "--mode=evaluate --init"
   elif _MODEL_DIR.value:
@@ -239,13 +254,13 @@ def run_evaluate(config, workdir: str) -> int:
     trained = _load_trained(workdir, "evaluate", "; or evaluate a directory with --model_dir")
   try:
     if _INIT.value:
-      result = evaluate.evaluate_initial(config, workdir)
+      result = evaluate.evaluate_initial(config, workdir, out_dir=out_dir)
     elif _MODEL_DIR.value:
       result = evaluate.evaluate_model_dir(_MODEL_DIR.value, config.eval, workdir, pooling=_POOLING.value,
-                                           title_separator=config.data.title_separator)
+                                           title_separator=config.data.title_separator, out_dir=out_dir)
     else:
       result = evaluate.evaluate_trained(trained, config.eval, workdir,
-                                         title_separator=config.data.title_separator)
+                                         title_separator=config.data.title_separator, out_dir=out_dir)
   except (FileNotFoundError, ValueError) as e:  # ConfigError and FormatError are ValueErrors
     fail(f"{what}: {e}")
   if jax.process_index() == 0:
@@ -275,6 +290,7 @@ class _OwnInfoOnly(logging.Filter):
 
 
 def run() -> None:
+  jax.config.parse_flags_with_absl()  # JAX's own flags: --jax_platforms=cpu, --jax_default_matmul_precision=...
   logging.getLogger("absl").setLevel(logging.INFO)
   absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
   app.run(main, flags_parser=parse_flags)

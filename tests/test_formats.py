@@ -556,6 +556,7 @@ def test_title_separator_per_student_kind(tmp_path):
 # ------------------------------------------------------------------------------------------ SciFact
 
 
+@pytest.mark.slow
 def test_scifact_counts(scifact_dir):
   corpus = formats.read_beir_corpus(scifact_dir / "corpus.jsonl")
   queries = formats.read_beir_queries(scifact_dir / "queries.jsonl")

@@ -45,6 +45,22 @@ def test_colbert_demo_loss_falls_and_pair_agreement_rises(tmp_path):
   assert len(lines) == 600 and all(len(json.loads(line)) == 1 + 8 for line in lines)
 
 
+def test_jax_flags_apply_and_reruns_of_evaluate_keep_earlier_results(tmp_path):
+  def evaluate_init(*args):
+    result = run_main("--config=configs/colbert.py:demo", "--mode=evaluate", "--init", *args, workdir=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  evaluate_init("--jax_platforms=cpu", "--jax_default_matmul_precision=float32")
+  first = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+  assert first["matmul_precision"] == "float32" and first["model"] == "colbert@init"
+  evaluate_init()
+  earlier = list((tmp_path / "eval" / "earlier").glob("colbert@init-*/metrics.json"))
+  assert len(earlier) == 1 and json.loads(earlier[0].read_text()) == first
+  assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["matmul_precision"] == "default"
+  evaluate_init("--eval_name=named")
+  assert (tmp_path / "eval" / "named" / "metrics.json").exists() and (tmp_path / "eval" / "run.trec").exists()
+
+
 def test_dpr_demo_runs_to_completion(tmp_path):
   s = summary(run_main("--config=configs/dpr.py:demo", "--config.train.steps=40", workdir=tmp_path))
   assert s["steps"] == 40 and s["last_loss"] < s["first_loss"]
@@ -59,6 +75,7 @@ def test_dpr_demo_runs_to_completion(tmp_path):
     (["--config=configs/dpr.py:demo", "--config.loss.dpr_workers=3"], "loss.dpr_workers=3 must be >= 0"),
     (["--config=configs/colbert.py:demo,bogus=1"], "unknown config argument 'bogus'"),
     (["--config=configs/colbert.py:demo", "--config.mesh.data=3"], "mesh"),
+    (["--config=configs/colbert.py:demo", "--workdir=gs://bucket/run"], "bucket URLs are not supported yet"),
     (["--config=configs/colbert.py:demo", "--config.optim.lr=1e30", "--config.optim.warmup_steps=0",
       "--config.train.steps=5"], "error: --mode=train: non-finite loss or gradient at step 1"),
     (["--config=configs/colbert.py:demo", "--config.data.prefetch=-1"], "data.prefetch must be >= 0"),

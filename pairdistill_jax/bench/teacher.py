@@ -59,21 +59,22 @@ def time_scorer(scorer: ShardedScorer, texts: Sequence[tuple[str, ...]]) -> dict
 def run(config: ml_collections.ConfigDict, student: Callable | None = None,
         devices: Sequence[jax.Device] | None = None) -> list[dict]:
   """One record per teacher of config.teacher (the pairwise one unless its kind is none/pointwise)."""
-  t, b = config.teacher, config.benchmark
-  mesh = teacher_mesh(t, devices)
+  teacher_cfg, bench_cfg = config.teacher, config.benchmark
+  mesh = teacher_mesh(teacher_cfg, devices)
   rules = sharding.rules(config)
   roles = [("pointwise", 2, "passages_per_s")]
-  if t.pairwise.kind not in ("none", "pointwise"):
+  if teacher_cfg.pairwise.kind not in ("none", "pointwise"):
     roles.append(("pairwise", 3, "pairs_per_s"))
   records = []
   for role, arity, unit in roles:
-    teacher = load.load(t[role], role, student)
+    teacher = load.load(teacher_cfg[role], role, student)
     if isinstance(teacher, load.RetrieverTeacher):
       raise config_lib.ConfigError("a retriever teacher costs one corpus encoding plus the queries': measure it "
                                    "with --config.benchmark.what=encode instead of teacher")
-    scorer = ShardedScorer(teacher, mesh, rules, batch_per_device=t[role].batch_per_device,
-                           bucket_multiple=t.bucket_multiple)
-    texts = synthetic_texts(b.teacher_items, arity, b.teacher_query_words, b.teacher_passage_words)
+    scorer = ShardedScorer(teacher, mesh, rules, batch_per_device=teacher_cfg[role].batch_per_device,
+                           bucket_multiple=teacher_cfg.bucket_multiple)
+    texts = synthetic_texts(bench_cfg.teacher_items, arity, bench_cfg.teacher_query_words,
+                            bench_cfg.teacher_passage_words)
     timing = time_scorer(scorer, texts)
     records.append({"benchmark": "teacher", "variant": f"{role} {teacher.name}", "devices": mesh.size,
                     "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,

@@ -331,26 +331,29 @@ def train_iterator(config: ml_collections.ConfigDict, paths: DataPaths, tokenize
   beside the collection). Process index and count default to JAX's, and `num_shards` (used by
   `data.same_order_on_every_shard`) to the mesh's batch shards.
   """
-  d, t = config.data, config.train
+  data_cfg, train_cfg = config.data, config.train
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  if d.same_order_on_every_shard and num_shards is None:
+  if data_cfg.same_order_on_every_shard and num_shards is None:
     num_shards = data_parallel_shards(config, jax.device_count())
-  store_dir = d.store_dir or os.path.join(os.path.dirname(os.path.abspath(paths.collection)), DEFAULT_STORE_DIR)
+  store_dir = data_cfg.store_dir or os.path.join(os.path.dirname(os.path.abspath(paths.collection)), DEFAULT_STORE_DIR)
   progress = process_index == 0
   opened = {field: store.open_store(config_lib.data_source(config, path, field), store_dir, tokenizer, field,
-                                    num_workers=d.tokenize_workers, skip_bad_lines=d.skip_bad_lines,
+                                    num_workers=data_cfg.tokenize_workers, skip_bad_lines=data_cfg.skip_bad_lines,
                                     progress=progress)
             for field, path in (("docs", paths.collection), ("queries", paths.queries))}
-  training_set = compile_training_set(paths.train, opened["docs"], opened["queries"], store_dir, nway=d.nway,
-                                      max_pairs=d.max_pairs, skip_bad_lines=d.skip_bad_lines, progress=progress)
-  same_order = bool(d.same_order_on_every_shard)
-  indices = example_indices(len(training_set), batch_size=t.batch_size, seed=t.seed, shuffle=d.shuffle,
-                            process_index=process_index, process_count=process_count,
+  training_set = compile_training_set(paths.train, opened["docs"], opened["queries"], store_dir, nway=data_cfg.nway,
+                                      max_pairs=data_cfg.max_pairs, skip_bad_lines=data_cfg.skip_bad_lines,
+                                      progress=progress)
+  same_order = bool(data_cfg.same_order_on_every_shard)
+  indices = example_indices(len(training_set), batch_size=train_cfg.batch_size, seed=train_cfg.seed,
+                            shuffle=data_cfg.shuffle, process_index=process_index, process_count=process_count,
                             same_order_on_every_shard=same_order, num_shards=num_shards or 1)
-  spec = {"examples": training_set.digest, "batch_size": t.batch_size, "seed": t.seed, "shuffle": d.shuffle,
-          "same_order_on_every_shard": same_order, "num_shards": num_shards if same_order else None}
+  spec = {"examples": training_set.digest, "batch_size": train_cfg.batch_size, "seed": train_cfg.seed,
+          "shuffle": data_cfg.shuffle, "same_order_on_every_shard": same_order,
+          "num_shards": num_shards if same_order else None}
   _log.info("Training data: %d lines of %s, %d passages, %d queries (stores in %s)", len(training_set),
             paths.train, len(opened["docs"]), len(opened["queries"]), store_dir)
   batches = indices.map(BatchAssembler(training_set, opened["docs"], opened["queries"], tokenizer))
-  return TrainIterator(batches, spec, num_threads=d.num_workers, prefetch=d.prefetch, start_step=start_step)
+  return TrainIterator(batches, spec, num_threads=data_cfg.num_workers, prefetch=data_cfg.prefetch,
+                       start_step=start_step)

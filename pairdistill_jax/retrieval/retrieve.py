@@ -18,9 +18,9 @@ from pairdistill_jax.retrieval import corpus, metrics, search
 from pairdistill_jax.retrieval.encoders import Encoder
 
 
-def _search_options(e: ml_collections.ConfigDict) -> search.SearchOptions:
-  return search.SearchOptions(index=e.index, nprobe=e.nprobe, faiss_depth=e.faiss_depth,
-                              exact_max_tokens=e.exact_max_tokens)
+def _search_options(search_cfg: ml_collections.ConfigDict) -> search.SearchOptions:
+  return search.SearchOptions(index=search_cfg.index, nprobe=search_cfg.nprobe, faiss_depth=search_cfg.faiss_depth,
+                              exact_max_tokens=search_cfg.exact_max_tokens)
 
 
 def hits_to_run(qids: list[str], doc_ids: list[str], scores_QxK: np.ndarray, ids_QxK: np.ndarray, k: int,
@@ -49,16 +49,17 @@ class Retrieved:
 
 
 def retrieve(encoder: Encoder, collection: Mapping[str, str], queries: Mapping[str, str],
-             e: ml_collections.ConfigDict, corpus_dir: str | pathlib.Path, *, drop_self: bool = False,
+             search_cfg: ml_collections.ConfigDict, corpus_dir: str | pathlib.Path, *, drop_self: bool = False,
              query_block: int = 16_384) -> Retrieved:
   """Encodes the collection (every process helps; resumable in corpus_dir) and builds its index; the run
-  then streams from process 0, `query_block` queries encoded and searched at a time (the best `e.k` each),
+  then streams from process 0, `query_block` queries encoded and searched at a time (the best `search_cfg.k` each),
   so 800k training queries never sit in memory at once."""
   start = time.perf_counter()
   doc_ids = list(collection)
   store = corpus.encode_corpus(encoder, [collection[d] for d in doc_ids], corpus_dir,
-                               batch_size=e.batch_size, chunk_size=e.chunk_size, vector_dtype=e.vector_dtype)
-  options = _search_options(e)
+                               batch_size=search_cfg.batch_size, chunk_size=search_cfg.chunk_size,
+                               vector_dtype=search_cfg.vector_dtype)
+  options = _search_options(search_cfg)
   seconds = {"encode_corpus": time.perf_counter() - start}
   if jax.process_index() != 0:
     return Retrieved(iter(()), {"index": options.resolve(store)}, seconds)
@@ -71,11 +72,11 @@ def retrieve(encoder: Encoder, collection: Mapping[str, str], queries: Mapping[s
     for begin in range(0, len(qids), query_block):
       block = qids[begin:begin + query_block]
       started = time.perf_counter()
-      encoded = encoder.encode_queries([queries[q] for q in block], e.batch_size)
+      encoded = encoder.encode_queries([queries[q] for q in block], search_cfg.batch_size)
       searched = time.perf_counter()
-      scores, ids = searcher.search(encoded, e.k + int(drop_self))
+      scores, ids = searcher.search(encoded, search_cfg.k + int(drop_self))
       seconds["encode_queries"] += searched - started
       seconds["search"] += time.perf_counter() - searched
-      yield from hits_to_run(block, doc_ids, scores, ids, e.k, drop_self).items()
+      yield from hits_to_run(block, doc_ids, scores, ids, search_cfg.k, drop_self).items()
 
   return Retrieved(stream(), searcher.settings(), seconds)

@@ -223,8 +223,9 @@ class ColBERTStudent(Student):
 
   def scoring_flops(self, config, micro_batch, group):
     """MaxSim of every query against its group's passages."""
-    m = config.model
-    return 2.0 * config.train.batch_size * group * config.data.nway * m.query_maxlen * m.doc_maxlen * m.dim
+    model_cfg = config.model
+    pairs_scored = config.train.batch_size * group * config.data.nway
+    return 2.0 * pairs_scored * model_cfg.query_maxlen * model_cfg.doc_maxlen * model_cfg.dim
 
   def synthetic_batch(self, batch, rng):
     return dict(batch, d_score_mask=batch["d_mask"] * (rng.random(batch["d_mask"].shape) < 0.9))

@@ -137,11 +137,11 @@ def pointwise_scale(cfg: ml_collections.ConfigDict, encoder: Encoder | None = No
 _NEEDS_MODEL = ("cross_encoder", "duobert", "monot5", "duot5")
 
 
-def check_model_dirs(t: ml_collections.ConfigDict) -> None:
+def check_model_dirs(teacher_cfg: ml_collections.ConfigDict) -> None:
   """Raises FileNotFoundError naming the field when a teacher's `model` directory is missing (checked before
   hours of mining and scoring)."""
   for role in ("pointwise", "pairwise"):
-    cfg = t[role]
+    cfg = teacher_cfg[role]
     if cfg.kind in _NEEDS_MODEL or (cfg.kind == "retriever" and cfg.model):
       _model_dir(cfg, role)
 

@@ -63,10 +63,11 @@ def pad_batch(items: Sequence[Item], key: tuple[tuple[str, int], ...], rows: int
   return batch
 
 
-def teacher_mesh(t: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def teacher_mesh(teacher_cfg: ml_collections.ConfigDict,
+                 devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The teachers' own mesh, `config.teacher.mesh`, over `devices` (default: all)."""
   try:
-    return sharding.make_mesh(ml_collections.ConfigDict({"mesh": t.mesh}), devices)
+    return sharding.make_mesh(ml_collections.ConfigDict({"mesh": teacher_cfg.mesh}), devices)
   except ValueError as e:
     raise ValueError(f"teacher.mesh: {e}") from None
 

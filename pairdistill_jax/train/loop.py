@@ -93,10 +93,10 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
   """Steps until train.steps. Each step's metrics are read after the next step is dispatched, so the host
   prepares batch t+1 while the device computes step t; before a checkpoint is saved, the window up to it is
   written, so that metrics.jsonl holds every checkpointed step exactly once."""
-  t = config.train
+  train_cfg = config.train
   start_step = int(state.step)
   log = MetricsLog(workdir, start_step, enabled=jax.process_index() == 0)
-  bar = tqdm.tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+  bar = tqdm.tqdm(total=train_cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   window: list[dict] = []
   window_start = time.perf_counter()
@@ -107,9 +107,9 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
       return
     elapsed = time.perf_counter() - window_start
     record = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "tokens"}
-    record.update(step_time=elapsed / len(window), queries_per_s=len(window) * t.batch_size / elapsed,
+    record.update(step_time=elapsed / len(window), queries_per_s=len(window) * train_cfg.batch_size / elapsed,
                   tokens_per_s=sum(w["tokens"] for w in window) / elapsed, window_steps=len(window))
-    log.write(step, record, partial=len(window) < t.log_every)
+    log.write(step, record, partial=len(window) < train_cfg.log_every)
     bar.set_postfix(loss=f"{record['loss']:.4f}", pairs=f"{record['pair_agreement']:.3f}")
     window, window_start = [], time.perf_counter()
 
@@ -120,14 +120,14 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
                                f"grad_norm={metrics['grad_norm']}); that update was not applied")
     window.append(dict(metrics, tokens=tokens))
     bar.update(1)
-    if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+    if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.steps:
       write_window(step + 1)
 
   pending = None
   preemption = PreemptionWatcher()
   preempted_at = None
   try:
-    for step in range(start_step, t.steps):
+    for step in range(start_step, train_cfg.steps):
       host = next(batches)
       tokens = int(host["q_mask"].sum() + host["d_mask"].sum()) * jax.process_count()
       if step == start_step:
@@ -141,11 +141,11 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
       pending = (step, metrics, tokens)
       done = step + 1
       eval_metrics = None
-      if evaluate and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+      if evaluate and train_cfg.eval_every and (done % train_cfg.eval_every == 0 or done == train_cfg.steps):
         eval_metrics = evaluate(done, state.params)
         log.write(done, eval_metrics, section="eval")
       stop = preemption.should_stop(done)
-      last = done == t.steps or stop
+      last = done == train_cfg.steps or stop
       if checkpointer.due(done, last=last):
         consume(*pending)
         pending = None

@@ -25,26 +25,27 @@ class TrainState(flax.struct.PyTreeNode):
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to optim.lr, then linear decay to 0 at train.steps (HF linear schedule)."""
-  o, steps = config.optim, config.train.steps
+  optim_cfg, steps = config.optim, config.train.steps
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
-       optax.linear_schedule(o.lr, 0.0, max(steps - o.warmup_steps, 1))],
-      [o.warmup_steps])
+      [optax.linear_schedule(0.0, optim_cfg.lr, max(optim_cfg.warmup_steps, 1)),
+       optax.linear_schedule(optim_cfg.lr, 0.0, max(steps - optim_cfg.warmup_steps, 1))],
+      [optim_cfg.warmup_steps])
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with the warmup/decay schedule (the paper's optimizer)."""
-  o = config.optim
+  optim_cfg = config.optim
   return optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+      optax.clip_by_global_norm(optim_cfg.clip_norm),
+      optax.adamw(learning_rate(config), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                  weight_decay=optim_cfg.weight_decay))
 
 
 def init_inputs(config: ml_collections.ConfigDict) -> tuple[np.ndarray, ...]:
   """Dummy (q_ids, q_mask, d_ids, d_mask) of the configured lengths, for `model.init`."""
-  m = config.model
-  q = np.ones((1, m.query_maxlen), np.int32)
-  d = np.ones((1, m.doc_maxlen), np.int32)
+  model_cfg = config.model
+  q = np.ones((1, model_cfg.query_maxlen), np.int32)
+  d = np.ones((1, model_cfg.doc_maxlen), np.int32)
   return q, q, d, d
 
 

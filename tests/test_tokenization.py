@@ -1,6 +1,5 @@
 """ColBERT and DPR tokenisation against ids looked up by hand in bert-base-uncased's vocab.txt."""
 
-import json
 import pathlib
 import string
 
@@ -101,12 +100,29 @@ def test_skiplist_is_every_punctuation_character(bert_tokenizer, minilm_dir):
   assert _colbert(bert_tokenizer).skiplist_ids == expected
 
 
-def test_matches_stanford_colbert_recipe_on_scifact(bert_tokenizer, scifact_dir):
+# Hand-written English with the punctuation, digits, accents and symbols of scientific abstracts; the last
+# documents are long enough to be truncated at 180 tokens.
+_SENTENCES = [
+    "Microglia (the brain's resident macrophages) respond to β-amyloid within 24 h, in vitro and in vivo.",
+    "We measured serum IL-6 levels in 1,204 adults; 37.5% had values above 7 pg/mL [95% CI: 33.1-41.9].",
+    "Does vitamin D supplementation reduce fracture risk? Meta-analyses disagree, e.g. Smith et al. (2019).",
+    "The café's naïve staff—unlike the control group—reported \"no change\" after 6 weeks: p = 0.41.",
+    "CRISPR/Cas9 knock-outs of TP53 increased proliferation ~2-fold, whereas MYC over-expression did not!",
+    "Mice fed a high-fat diet (60% kcal) gained 12 ± 3 g; insulin resistance followed at week eight.",
+]
+ENGLISH_DOCS = [" ".join(_SENTENCES[i:] + _SENTENCES[:i]) for i in range(len(_SENTENCES))] + [
+    " ".join(_SENTENCES * 3), " ".join(reversed(_SENTENCES * 2)), _SENTENCES[0], "Short; text."]
+ENGLISH_QUERIES = [
+    "Microglia respond to amyloid-beta within a day.", "IL-6 is elevated in 37.5% of adults?",
+    "Vitamin D (cholecalciferol) prevents fractures.", "TP53 loss doubles proliferation!",
+    "High-fat diets cause insulin resistance in mice, in 8 weeks or fewer, regardless of strain, sex or age.",
+    "naïve café staff", "p < 0.05", "What do meta-analyses of supplementation trials in elderly women conclude "
+    "about hip fractures, falls, and all-cause mortality over five or more years of follow-up?"]
+
+
+def test_matches_stanford_colbert_recipe(bert_tokenizer):
   """Stanford ColBERTv2 prepends '. ' and overwrites that token with the marker; the result must agree."""
-  with open(scifact_dir / "corpus.jsonl", encoding="utf-8") as f:
-    docs = [json.loads(next(f))["text"] for _ in range(40)]
-  with open(scifact_dir / "queries.jsonl", encoding="utf-8") as f:
-    queries = [json.loads(next(f))["text"] for _ in range(40)]
+  docs, queries = ENGLISH_DOCS, ENGLISH_QUERIES
   colbert = _colbert(bert_tokenizer, query_maxlen=32, doc_maxlen=180)
 
   ref_q = bert_tokenizer([". " + q for q in queries], padding="max_length", truncation=True, max_length=32)

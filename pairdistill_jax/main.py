@@ -181,10 +181,11 @@ def run_teacher_stage(config, workdir: str, mode: str) -> int:
 def run_rounds(config, workdir: str) -> int:
   """--mode=rounds: prints each round's training summary."""
   from pairdistill_jax.teachers import rounds  # noqa: PLC0415
+  from pairdistill_jax.train.loop import NonFiniteLossError  # noqa: PLC0415
 
   try:
     summaries = rounds.run_rounds(config, workdir)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
     fail(f"--mode=rounds: {e}")
   if jax.process_index() == 0:
     for r, summary in enumerate(summaries, 1):

@@ -6,7 +6,8 @@ WORKDIR/
   checkpoints/     Orbax train states (checkpoint.py)
   model/           config.json, bert_config.json, tokenizer/: what export and evaluation need
   metrics.jsonl, tensorboard/   the training curves (train/metrics_log.py)
-  eval/            run.trec, metrics.json of --mode=evaluate and the periodic dev evaluation
+  eval/            run.trec, metrics.json of --mode=evaluate and the periodic dev evaluation; earlier/ (the
+                   runs a rerun replaced), NAME/ (--eval_name)
   demo_data/       the demo's generated data (`:demo` configs)
 """
 

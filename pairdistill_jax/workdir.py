@@ -97,8 +97,12 @@ def _acquire(workdir: pathlib.Path, mode: str) -> dict:
     except OSError as e:
       raise WorkdirError(f"the workdir {workdir} is not writable ({e.strerror or e}): give a writable "
                                f"--workdir") from None
-    with os.fdopen(fd, "w") as f:
-      json.dump(record, f)
+    try:
+      with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    except OSError as e:
+      lock.unlink(missing_ok=True)
+      raise WorkdirError(f"cannot write the lock {lock} ({e.strerror or e})") from None
     return record
   raise WorkdirError(f"could not take the lock {lock}: other runs keep taking it")
 
@@ -124,8 +128,8 @@ def locked(workdir: str | os.PathLike, mode: str) -> Iterator[None]:
   if jax.process_index() == 0:
     try:
       record = _acquire(workdir, mode)
-    except WorkdirError as e:
-      error = e
+    except OSError as e:  # WorkdirError, or a file operation on a stale lock that failed
+      error = e if isinstance(e, WorkdirError) else WorkdirError(f"cannot lock the workdir {workdir}: {e}")
   if not distributed.process_0_decides(error is None):
     raise error or WorkdirError(f"process 0 could not lock the workdir {workdir}")
   if record is None:  # a process other than 0

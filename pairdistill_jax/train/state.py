@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from pairdistill_jax import sharding
+from pairdistill_jax.errors import ConfigError
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -83,12 +84,12 @@ def with_pretrained(state: TrainState, shardings: TrainState, pretrained: Mappin
   params = dict(state.params)
   for name, subtree in pretrained.items():
     if name not in params:
-      raise ValueError(f"pretrained weights for {name!r} have no place in the model (it has {sorted(params)})")
+      raise ConfigError(f"pretrained weights for {name!r} have no place in the model (it has {sorted(params)})")
     expected = _shapes(params[name])
     found = _shapes(subtree)
     if expected != found:
       diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
-      raise ValueError(f"pretrained weights for {name!r} do not match the model's parameters "
+      raise ConfigError(f"pretrained weights for {name!r} do not match the model's parameters "
                        f"(first differences, as (path, shape): {diff}); check that the config's model "
                        f"shape matches the checkpoint")
     params[name] = jax.device_put(subtree, shardings.params[name])

@@ -4,7 +4,8 @@
 NFS) holding the owner's host, pid, mode and start time, refreshes its mtime every `HEARTBEAT_S` seconds
 while it runs, and removes it on exit. A lock left by a dead process is taken over with a warning: on the same
 host when its pid is gone, on another host (a multi-host run's process 0) when it has not been refreshed for
-`STALE_AFTER_S` seconds. Only process 0 of a multi-process run takes the lock; the others follow its outcome.
+`STALE_AFTER_S` seconds (a stale lock is renamed aside before it is checked, so two runs taking it over at once
+do not both win). Only process 0 of a multi-process run takes the lock; the others follow its outcome.
 Creating the lock is also the check, before any work, that the workdir is writable.
 """
 
@@ -18,6 +19,7 @@ import pathlib
 import socket
 import tempfile
 import threading
+import uuid
 import time
 from collections.abc import Iterator
 
@@ -92,11 +94,11 @@ def _acquire(workdir: pathlib.Path, mode: str) -> dict:
             f"the workdir {workdir} is in use by {_describe(holder)}: wait for it to finish, or use another "
             f"--workdir (if that run is dead, delete {lock})") from None
       logging.warning("Taking over the lock of %s from %s: %s", workdir, _describe(holder), reason)
-      lock.unlink(missing_ok=True)
+      _move_stale_aside(lock, holder)
       continue
     except OSError as e:
       raise WorkdirError(f"the workdir {workdir} is not writable ({e.strerror or e}): give a writable "
-                               f"--workdir") from None
+                         f"--workdir") from None
     try:
       with os.fdopen(fd, "w") as f:
         json.dump(record, f)
@@ -105,6 +107,21 @@ def _acquire(workdir: pathlib.Path, mode: str) -> dict:
       raise WorkdirError(f"cannot write the lock {lock} ({e.strerror or e})") from None
     return record
   raise WorkdirError(f"could not take the lock {lock}: other runs keep taking it")
+
+
+def _move_stale_aside(lock: pathlib.Path, stale: dict) -> None:
+  """Removes the lock file holding the `stale` record. It is first renamed (atomic: of two runs taking over
+  the same stale lock, one moves it), then checked: a record that is not `stale` is another run's fresh lock,
+  taken between reading and renaming, and goes back."""
+  aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex}")
+  try:
+    os.rename(lock, aside)
+  except FileNotFoundError:  # released or moved meanwhile
+    return
+  if _holder(aside) != stale:
+    with contextlib.suppress(FileExistsError):
+      os.link(aside, lock)
+  aside.unlink(missing_ok=True)
 
 
 def _release(lock: pathlib.Path, record: dict) -> None:

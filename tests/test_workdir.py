@@ -109,3 +109,15 @@ def test_read_only_workdir_gives_one_line_errors_and_export_elsewhere_works(read
   assert (elsewhere / "colbert" / "model.safetensors").exists() or any(elsewhere.rglob("*.safetensors"))
   result = run_unprivileged("--mode=export", "--export_dir=/proc/export", workdir=read_only_workdir)
   assert result.returncode == 2 and "--export_dir's parent /proc is not writable" in result.stderr, result.stderr
+
+
+def test_a_stale_lock_replaced_meanwhile_by_a_live_run_is_put_back(tmp_path):
+  """Two runs judged the same lock stale; the first took it over. The second must not remove the new lock."""
+  stale = {"host": socket.gethostname(), "pid": dead_pid(), "mode": "train", "since": "then"}
+  fresh = write_lock(tmp_path, pid=os.getpid(), host="elsewhere")
+  workdir_lib._move_stale_aside(fresh, stale)
+  assert json.loads(fresh.read_text())["host"] == "elsewhere" and sorted(p.name for p in tmp_path.iterdir()) == [
+      ".lock"]
+  lock = write_lock(tmp_path, **stale)
+  workdir_lib._move_stale_aside(lock, stale)
+  assert list(tmp_path.iterdir()) == []

@@ -37,7 +37,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from pairdistill_jax import config_lib, distributed
+from pairdistill_jax import config_lib, distributed, paths, students
 from pairdistill_jax import workdir as workdir_lib
 from pairdistill_jax.data.formats import FormatError
 
@@ -82,16 +82,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def unknown_field_message(error: str, argv: list[str]) -> str:
   """'unknown config field train.stepz (did you mean train.steps?)' from ml_collections' lookup error."""
-  paths = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+  fields = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
   suggestion = _DID_YOU_MEAN.search(error)
-  for path in paths:
-    parts = path.split(".")
+  for field in fields:
+    parts = field.split(".")
     if suggestion and suggestion.group(2) in parts:
       i = parts.index(suggestion.group(2))
       return (f"unknown config field {'.'.join(parts[:i + 1])} "
               f"(did you mean {'.'.join(parts[:i] + [suggestion.group(1)])}?)")
-  named = [p for p in paths if re.search(rf"\b{re.escape(p.split('.')[-1])}\b", error)]
-  return f"unknown config field {(named or paths or ['?'])[0]}"
+  named = [f for f in fields if re.search(rf"\b{re.escape(f.split('.')[-1])}\b", error)]
+  return f"unknown config field {(named or fields or ['?'])[0]}"
 
 
 def main(argv: list[str]) -> int:
@@ -155,7 +155,6 @@ def _run_locked(config, mode: str) -> int:
 
 def run_teacher_stage(config, workdir: str, mode: str) -> int:
   """--mode=mine or --mode=score over the training queries and collection (the demo's under :demo)."""
-  from pairdistill_jax import paths  # noqa: PLC0415
   from pairdistill_jax.teachers import mining, rounds, score  # noqa: PLC0415
 
   section = "mine" if mode == "mine" else "teacher"
@@ -205,7 +204,6 @@ def _load_trained(workdir: str, mode: str, hint: str = ""):
 
 def run_export(workdir: str) -> int:
   """--mode=export: the latest checkpoint as PyTorch serving directories."""
-  from pairdistill_jax import students  # noqa: PLC0415
 
   trained = _load_trained(workdir, "export")
   out = _EXPORT_DIR.value or os.path.join(workdir, "export")
@@ -232,7 +230,6 @@ def run_benchmark(config, workdir: str) -> int:
 def run_evaluate(config, workdir: str) -> int:
   """--mode=evaluate: the latest checkpoint (or --model_dir, or --init) on config.eval; prints the metrics
   table. Data that cannot be evaluated (ValueError: no judged query or relevant document found) is one line."""
-  from pairdistill_jax import paths  # noqa: PLC0415
   from pairdistill_jax.retrieval import eval_data, evaluate  # noqa: PLC0415
 
   try:

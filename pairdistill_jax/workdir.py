@@ -19,8 +19,8 @@ import pathlib
 import socket
 import tempfile
 import threading
-import uuid
 import time
+import uuid
 from collections.abc import Iterator
 
 import jax

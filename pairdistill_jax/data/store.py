@@ -382,10 +382,11 @@ class TokenStore:
     return {"ids": ids, "mask": mask}
 
 
-def load_store(directory: PathLike) -> TokenStore:
-  """Opens a built store (no reuse checks: `open_store` does those)."""
+def load_store(directory: PathLike, meta: dict[str, Any] | None = None) -> TokenStore:
+  """Opens a built store (no reuse checks: `open_store` does those) with its `meta`, read and checked here
+  when not given."""
   directory = pathlib.Path(directory)
-  meta = read_meta(directory)
+  meta = meta or read_meta(directory)
   if meta is None:
     raise FileNotFoundError(f"{directory} is not a complete token store (no valid {META}); build it with "
                             f"open_store")
@@ -561,8 +562,7 @@ def open_store(source: PathLike | formats.TextSource, store_dir: PathLike, token
   build = functools.partial(_build, source=source, tokenizer=tokenizer, settings=settings,
                             num_workers=num_workers, skip_bad_lines=skip_bad_lines, on_skip=on_skip,
                             progress=progress, chunk_size=chunk_size)
-  ensure_built(target, is_current, build)
-  store = load_store(target)
+  store = load_store(target, ensure_built(target, is_current, build))  # the meta ensure_built checked
   _log.info("Token store %s: %d %s rows of %d tokens (%s)", target, len(store), _UNITS[field],
             store.ids.shape[1], store.ids.dtype)
   return store

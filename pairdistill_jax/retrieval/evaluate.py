@@ -55,16 +55,17 @@ class EvalResult:
 
 
 def evaluate(encoder: Encoder, data: eval_data.EvalData, eval_cfg: ml_collections.ConfigDict,
-             out_dir: str | pathlib.Path, *, workdir: str | pathlib.Path,
+             out_dir: str | pathlib.Path | None, *, workdir: str | pathlib.Path,
              extra: Mapping[str, Any] | None = None) -> EvalResult:
-  """Encodes, searches, writes OUT_DIR/run.trec and metrics.json; returns the metrics (empty off process 0).
-  The corpus embeddings go to eval.corpus_dir (its {workdir} is `workdir`), else OUT_DIR/corpus.
+  """Encodes, searches, writes OUT_DIR (None: WORKDIR/eval)/run.trec and metrics.json; returns the metrics
+  (empty off process 0). The corpus embeddings go to eval.corpus_dir (its {workdir} is `workdir`), else
+  OUT_DIR/corpus.
 
   The log's first line and metrics.json state every setting that changes the numbers: the encoder's
   (`Encoder.settings`), the search's (`Searcher.settings`: index kind and parameters, stored vector dtype), k,
   and `extra` (e.g. the step, the title separator).
   """
-  out_dir = pathlib.Path(out_dir)
+  out_dir = pathlib.Path(out_dir or pathlib.Path(workdir) / paths.EVAL_DIR)
   start = time.perf_counter()
   settings = {**encoder.settings(), "vector_dtype": eval_cfg.vector_dtype, "index": eval_cfg.index, "k": eval_cfg.k,
               "drop_self": data.drop_self, **(extra or {})}
@@ -122,7 +123,7 @@ def evaluate_params(config: ml_collections.ConfigDict, bert_config: BertConfig, 
                                  doc_maxlen=eval_cfg.doc_maxlen, name=config.model.kind)
   separator = students.title_separator(config.data.title_separator, config.model.kind)
   data = eval_data.load_data(eval_cfg, workdir, title_separator=separator)
-  result = evaluate(encoder, data, eval_cfg, pathlib.Path(workdir) / paths.EVAL_DIR, workdir=workdir,
+  result = evaluate(encoder, data, eval_cfg, None, workdir=workdir,
                     extra={"step": step, "title_separator": separator})
   return result.metrics
 
@@ -136,7 +137,7 @@ def evaluate_trained(trained: TrainedModel, eval_config: ml_collections.ConfigDi
   data = eval_data.load_data(eval_config, workdir, title_separator=separator)
   encoder = encoders.from_trained(trained, query_maxlen=eval_config.query_maxlen,
                                   doc_maxlen=eval_config.doc_maxlen)
-  return evaluate(encoder, data, eval_config, out_dir or pathlib.Path(workdir) / paths.EVAL_DIR, workdir=workdir,
+  return evaluate(encoder, data, eval_config, out_dir, workdir=workdir,
                   extra={"step": trained.step, "title_separator": separator})
 
 
@@ -151,7 +152,7 @@ def evaluate_model_dir(model_dir: str | pathlib.Path, eval_config: ml_collection
                                     doc_maxlen=eval_config.doc_maxlen)
   separator = students.title_separator(title_separator, encoder.kind)
   data = eval_data.load_data(eval_config, workdir, title_separator=separator)
-  return evaluate(encoder, data, eval_config, out_dir or pathlib.Path(workdir) / paths.EVAL_DIR, workdir=workdir,
+  return evaluate(encoder, data, eval_config, out_dir, workdir=workdir,
                   extra={"model_dir": str(model_dir), "title_separator": separator})
 
 
@@ -175,6 +176,6 @@ def evaluate_initial(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   params = params | pretrained
   encoder = encoders.from_params(config.model, bert_config, params, tokenizer_dir, query_maxlen=eval_cfg.query_maxlen,
                                  doc_maxlen=eval_cfg.doc_maxlen, name=f"{config.model.kind}@init")
-  return evaluate(encoder, data, eval_cfg, out_dir or pathlib.Path(workdir) / paths.EVAL_DIR, workdir=workdir,
+  return evaluate(encoder, data, eval_cfg, out_dir, workdir=workdir,
                   extra={"init": {field or "random": source, "layers": config.init.layers},
                          "title_separator": separator})

@@ -161,11 +161,10 @@ class ColBERTStudent(Student):
 
   def validate(self, config, micro_batch):
     loss = config.loss
-    if loss.in_batch:
-      group = micro_batch if loss.in_batch_group == -1 else loss.in_batch_group
-      if not (group >= 1 and micro_batch % group == 0):
-        raise ConfigError(f"loss.in_batch_group={loss.in_batch_group} must divide the micro-batch {micro_batch} "
-                          f"(or be -1 for the whole micro-batch)")
+    group = self.score_group(config, micro_batch)
+    if not (group >= 1 and micro_batch % group == 0):
+      raise ConfigError(f"loss.in_batch_group={loss.in_batch_group} must divide the micro-batch {micro_batch} "
+                        f"(or be -1 for the whole micro-batch)")
     if loss.maxsim_chunk < 0:
       raise ConfigError(f"loss.maxsim_chunk must be >= 0 (0: unchunked), got {loss.maxsim_chunk}")
 

@@ -22,8 +22,8 @@ def run_settings(config: ml_collections.ConfigDict, bert_config, mesh) -> str:
   return (f"{student} from {origin}; query/doc maxlen {model_cfg.query_maxlen}/{model_cfg.doc_maxlen}, dtype "
           f"{model_cfg.dtype}, dropout {bert_config.hidden_dropout_prob}/{bert_config.attention_probs_dropout_prob}, "
           f"title separator {kind.title_separator_of(config.data.title_separator)!r}; batch "
-          f"{config.train.batch_size} x "
-          f"nway {config.data.nway} (grad_accum {config.train.grad_accum}), {config.train.steps} steps, "
+          f"{config.train.batch_size} x nway {config.data.nway} (grad_accum {config.train.grad_accum}), "
+          f"{config.train.steps} steps, "
           f"lr {config.optim.lr}; mesh {dict(mesh.shape)}")
 
 

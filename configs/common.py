@@ -29,7 +29,7 @@ def parse_arg(arg: str | None, *, batch_size: int, steps: int) -> ml_collections
 def model(**fields) -> dict:
   """The student: the recipe's `fields`, then its precision, rematerialisation, attention kernel and the
   bert-base shape of a random init (unused when init.pretrained is set)."""
-  return dict(**fields, dtype="bfloat16", remat="none", attention="einsum", bert=config_lib.bert_base())
+  return dict(**fields, dtype="bfloat16", remat="none", attention="auto", bert=config_lib.bert_base())
 
 
 def init(pretrained: str) -> dict:

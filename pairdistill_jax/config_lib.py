@@ -13,7 +13,7 @@ import ml_collections
 
 from pairdistill_jax.data import formats
 from pairdistill_jax.errors import ConfigError
-from pairdistill_jax.models.bert import ATTENTION_KERNELS, COMPUTE_DTYPES, REMAT_POLICIES
+from pairdistill_jax.models.bert import ATTENTION_KERNELS, COMPUTE_DTYPES, FUSED_ATTENTION, REMAT_POLICIES
 from pairdistill_jax.students import registry as students
 
 # Logical parameter/activation axis -> mesh axes (DESIGN §4); configs copy this and may change it.
@@ -44,10 +44,46 @@ def data_fields(nway: int) -> dict:
   the collection); tokenize_workers: processes building a store (-1: one per CPU); num_workers/prefetch:
   threads assembling batches and batches buffered ahead; same_order_on_every_shard: reproduce the original's
   loader, where every data-parallel shard read the same examples (with shuffle=False, in file order as there).
+  doc_widths: the widths a training batch's passage arrays may have (doc_widths below): each batch is cut to the
+  smallest that holds the longest passage of the global batch, so the train step compiles once per width;
+  'auto' (64, 128, 256, ... below model.doc_maxlen, then doc_maxlen), a comma list ('64,128'; doc_maxlen is
+  always added), or 'off' ('' too): every batch padded to doc_maxlen.
   """
   return dict(train="", collection="", queries="", split="train", title_separator="auto", nway=nway,
               max_pairs=16, demo=False, skip_bad_lines=False, store_dir="", tokenize_workers=-1, num_workers=2,
-              prefetch=4, shuffle=True, same_order_on_every_shard=False)
+              prefetch=4, shuffle=True, same_order_on_every_shard=False, doc_widths="auto")
+
+
+AUTO_DOC_WIDTH_START = 64  # data.doc_widths='auto': 64, 128, 256, ... below doc_maxlen
+
+
+def doc_widths(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The passage widths of training batches (data.doc_widths), ascending; the last is model.doc_maxlen."""
+  return parse_doc_widths(config.data.doc_widths, config.model.doc_maxlen)
+
+
+def parse_doc_widths(text: str, doc_maxlen: int) -> tuple[int, ...]:
+  """'auto' | 'off' | '' | 'w1,w2,...' -> ascending widths ending at doc_maxlen (see data_fields)."""
+  text = str(text).strip().lower()
+  if text in ("", "off"):
+    return (doc_maxlen,)
+  if text == "auto":
+    widths, width = [], AUTO_DOC_WIDTH_START
+    while width < doc_maxlen:
+      widths.append(width)
+      width *= 2
+    return (*widths, doc_maxlen)
+  widths = set()
+  for item in text.split(","):
+    try:
+      width = int(item)
+    except ValueError:
+      raise ConfigError(f"data.doc_widths={text!r}: expected 'auto', 'off' or comma-separated widths such as "
+                        f"'64,128'") from None
+    _require(1 <= width <= doc_maxlen, f"data.doc_widths={text!r}: width {width} is not in [1, model.doc_maxlen="
+             f"{doc_maxlen}]")
+    widths.add(width)
+  return tuple(sorted(widths | {doc_maxlen}))
 
 
 def benchmark_fields() -> dict:
@@ -274,15 +310,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
            f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {model_cfg.remat!r}")
   _require(model_cfg.attention in ATTENTION_KERNELS,
            f"model.attention must be one of {ATTENTION_KERNELS}, got {model_cfg.attention!r}")
-  _require(model_cfg.attention == "einsum" or model_cfg.bert.attention_probs_dropout_prob == 0,
+  _require(model_cfg.attention not in FUSED_ATTENTION or model_cfg.bert.attention_probs_dropout_prob == 0,
            f"model.attention={model_cfg.attention!r} has no attention-probability dropout: set "
-           f"--config.model.bert.attention_probs_dropout_prob=0 or --config.model.attention=einsum")
+           f"--config.model.bert.attention_probs_dropout_prob=0 or --config.model.attention=auto")
   _require(model_cfg.query_maxlen >= 3, f"model.query_maxlen={model_cfg.query_maxlen} leaves no room for query tokens")
   _require(model_cfg.doc_maxlen >= 4, f"model.doc_maxlen={model_cfg.doc_maxlen} leaves no room for document tokens")
   _require(data_cfg.nway >= 2, f"data.nway must be at least 2, got {data_cfg.nway}")
   _require(data_cfg.max_pairs >= 0, f"data.max_pairs must be >= 0, got {data_cfg.max_pairs}")
   _require(data_cfg.num_workers >= 0 and data_cfg.prefetch >= 0,
            f"data.num_workers and data.prefetch must be >= 0, got {data_cfg.num_workers} and {data_cfg.prefetch}")
+  doc_widths(config)  # a ConfigError naming the bad width
   _require(data_cfg.tokenize_workers >= -1, f"data.tokenize_workers must be >= -1 (-1: one per CPU), got "
            f"{data_cfg.tokenize_workers}")
   if need_data and not data_cfg.demo:

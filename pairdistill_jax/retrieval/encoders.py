@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -79,7 +80,8 @@ class Encoder:
     """Everything besides the weights that changes the vectors (for logs, metrics.json and the fingerprint).
 
     `normalize`: whether vectors are unit length (always for ColBERT; DPR only with a Normalize module) and
-    the kind's other fields (`encoder_settings`); `compute_dtype`: the module's activation dtype;
+    the kind's other fields (`encoder_settings`); `compute_dtype`: the module's activation dtype; `attention`:
+    its attention kernel setting (fused kernels round differently);
     `matmul_precision`: JAX's default for float32 matmuls ('default' lets GPUs use TF32 and TPUs bfloat16
     passes).
     """
@@ -87,6 +89,7 @@ class Encoder:
     kind_settings = self.student.encoder_settings(self.module, tok, self.normalize)
     return {"kind": self.kind, "query_maxlen": tok.query_maxlen, "doc_maxlen": tok.doc_maxlen,
             "normalize": kind_settings.pop("normalize"), "compute_dtype": np.dtype(self.module.dtype).name,
+            "attention": self.module.attention,
             "matmul_precision": jax.config.jax_default_matmul_precision or "default", **kind_settings}
 
   @property
@@ -182,8 +185,9 @@ def from_trained(trained: TrainedModel, *, query_maxlen: int = 0, doc_maxlen: in
 
 
 def from_model_dir(directory: str | pathlib.Path, *, pooling: str | None = None, query_maxlen: int = 0,
-                   doc_maxlen: int = 0) -> Encoder:
-  """A stanford ColBERT directory, or an HF / sentence-transformers BERT directory (bi-encoder).
+                   doc_maxlen: int = 0, dtype: str = "float32", attention: str = "auto") -> Encoder:
+  """A stanford ColBERT directory, or an HF / sentence-transformers BERT directory (bi-encoder), encoding in
+  `dtype` with the `attention` kernel (a config's model.dtype and model.attention).
 
   For the latter, `pooling` ('cls' or 'mean') overrides the sentence-transformers Pooling config and is
   required when there is none. Maxlens of 0 take the lengths the directory records (see the module
@@ -193,9 +197,10 @@ def from_model_dir(directory: str | pathlib.Path, *, pooling: str | None = None,
   d = pathlib.Path(directory)
   if not d.is_dir():
     raise FileNotFoundError(f"model directory {d} does not exist")
+  compute = {"dtype": jnp.dtype(dtype), "attention": attention}
   if _is_stanford_colbert(d):
-    return _colbert_from_dir(d, query_maxlen, doc_maxlen)
-  return _bi_encoder_from_dir(d, pooling, query_maxlen, doc_maxlen)
+    return _colbert_from_dir(d, query_maxlen, doc_maxlen, compute)
+  return _bi_encoder_from_dir(d, pooling, query_maxlen, doc_maxlen, compute)
 
 
 def _directory_name(d: pathlib.Path) -> str:
@@ -243,7 +248,7 @@ def _colbert_lengths(d: pathlib.Path, metadata: Mapping[str, Any]) -> _Lengths |
   return None
 
 
-def _colbert_from_dir(d: pathlib.Path, query_maxlen: int, doc_maxlen: int) -> Encoder:
+def _colbert_from_dir(d: pathlib.Path, query_maxlen: int, doc_maxlen: int, compute: dict) -> Encoder:
   bert_config, params, metadata = hf_io.import_colbert(d)
   settings = ColBERTSettings.from_metadata(metadata)
   dim = params["linear"]["kernel"].shape[1]
@@ -256,7 +261,7 @@ def _colbert_from_dir(d: pathlib.Path, query_maxlen: int, doc_maxlen: int) -> En
                                mask_punctuation=settings.mask_punctuation,
                                attend_to_mask_tokens=settings.attend_to_mask_tokens,
                                query_token=settings.query_token_id, doc_token=settings.doc_token_id)
-  return Encoder("colbert", ColBERT(bert_config, dim=dim), params, tokenizer, name=_directory_name(d))
+  return Encoder("colbert", ColBERT(bert_config, dim=dim, **compute), params, tokenizer, name=_directory_name(d))
 
 
 def _bi_encoder_lengths(*config_paths: pathlib.Path) -> _Lengths | None:
@@ -279,7 +284,8 @@ def _bi_encoder_fallback(layout: hf_io.STLayout, tokenizer_max_length: int, max_
   return _Lengths(length, length, f"{source} ({length}) for both")
 
 
-def _bi_encoder_from_dir(d: pathlib.Path, pooling: str | None, query_maxlen: int, doc_maxlen: int) -> Encoder:
+def _bi_encoder_from_dir(d: pathlib.Path, pooling: str | None, query_maxlen: int, doc_maxlen: int,
+                         compute: dict) -> Encoder:
   layout = hf_io.read_st_layout(d)
   if pooling is None and layout.pooling is None:
     raise ValueError(f"{d} has no sentence-transformers Pooling config: say how to pool with --pooling=cls "
@@ -295,7 +301,7 @@ def _bi_encoder_from_dir(d: pathlib.Path, pooling: str | None, query_maxlen: int
   fallback = _bi_encoder_fallback(layout, tokenizer.model_max_length, bert_config.max_position_embeddings)
   query_maxlen, doc_maxlen = _choose_lengths(d, query_maxlen, doc_maxlen, recorded, fallback)
   _check_positions(bert_config, query_maxlen, doc_maxlen)
-  module = DPR(bert_config, pooling=pooling, shared_towers=True)
+  module = DPR(bert_config, pooling=pooling, shared_towers=True, **compute)
   return Encoder("dpr", module, {"encoder": bert_params},
                  DPRTokenizer(tokenizer, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen),
                  normalize=layout.normalize, name=_directory_name(d))

@@ -143,13 +143,14 @@ def evaluate_trained(trained: TrainedModel, eval_config: ml_collections.ConfigDi
 
 def evaluate_model_dir(model_dir: str | pathlib.Path, eval_config: ml_collections.ConfigDict,
                        workdir: str | pathlib.Path, *, pooling: str | None = None, title_separator: str = "auto",
-                       out_dir: str | pathlib.Path | None = None) -> EvalResult:
-  """Evaluates an imported stanford ColBERT / HF / sentence-transformers directory without training, into
-  `out_dir` (default WORKDIR/eval); 'auto' joins titles as its kind does: ' | ' for stanford ColBERT, ' ' for a
-  bi-encoder (students.title_separator)."""
+                       out_dir: str | pathlib.Path | None = None, dtype: str = "float32",
+                       attention: str = "auto") -> EvalResult:
+  """Evaluates an imported stanford ColBERT / HF / sentence-transformers directory without training (encoding in
+  `dtype` with the `attention` kernel), into `out_dir` (default WORKDIR/eval); 'auto' joins titles as its kind
+  does: ' | ' for stanford ColBERT, ' ' for a bi-encoder (students.title_separator)."""
   eval_data.check_eval_config(eval_config)
   encoder = encoders.from_model_dir(model_dir, pooling=pooling, query_maxlen=eval_config.query_maxlen,
-                                    doc_maxlen=eval_config.doc_maxlen)
+                                    doc_maxlen=eval_config.doc_maxlen, dtype=dtype, attention=attention)
   separator = students.title_separator(title_separator, encoder.kind)
   data = eval_data.load_data(eval_config, workdir, title_separator=separator)
   return evaluate(encoder, data, eval_config, out_dir, workdir=workdir,

@@ -45,7 +45,7 @@ class ColBERT(nn.Module):
   dim: int = 128
   dtype: Any = jnp.float32
   remat: str = "none"
-  attention: str = "einsum"
+  attention: str = "auto"
 
   def setup(self):
     self.bert = BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat, attention=self.attention)

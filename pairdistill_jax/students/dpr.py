@@ -58,7 +58,7 @@ class DPR(nn.Module):
   normalize: bool = False
   dtype: Any = jnp.float32
   remat: str = "none"
-  attention: str = "einsum"
+  attention: str = "auto"
 
   def setup(self):
     make = lambda: BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat, attention=self.attention)

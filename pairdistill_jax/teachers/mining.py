@@ -68,7 +68,8 @@ def student_encoder(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     raise FileNotFoundError(f"{field}={model!r} is not a local directory (nothing is downloaded at run time)")
   if paths.is_workdir(model):
     return encoders.from_trained(checkpoint.load_trained(model), query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
-  return encoders.from_model_dir(model, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
+  return encoders.from_model_dir(model, query_maxlen=query_maxlen, doc_maxlen=doc_maxlen, dtype=config.model.dtype,
+                                attention=config.model.attention)
 
 
 def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, queries_path: str,

@@ -1,12 +1,15 @@
 """The PairDistill train step: student scores -> losses -> gradients (accumulated) -> AdamW update.
 
 `make_train_step` returns `step(state, batch, rng) -> (state, metrics)` compiled with `jax.jit`, its
-shardings stated (state as the logical rules say, batch split along 'batch') and the state donated.
+shardings stated (state as the logical rules say, batch split along 'batch') and the state donated. Batches
+differ in shape only by their passage width (data.doc_widths), so jit's cache holds one program per width;
+each trace logs its width, so that a compile in the middle of training is visible and counted.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -65,6 +68,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
   and reports `finite = 0`.
   """
   k = config.train.grad_accum
+  doc_width = batch["d_ids"].shape[-1]
+  logging.info("Tracing the train step for documents of width %d (it compiles once per width)", doc_width)
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(functools.partial(compute_loss, model, config), has_aux=True)
 
@@ -92,7 +97,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: nn.Mod
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                            state.replace(step=state.step + 1))
   metrics = dict(metrics, grad_norm=grad_norm, lr=learning_rate(config)(state.step),
-                 finite=finite.astype(jnp.float32))
+                 finite=finite.astype(jnp.float32), doc_width=jnp.float32(doc_width))
   return new_state, metrics
 
 

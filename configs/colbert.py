@@ -1,6 +1,6 @@
 """PairDistill ColBERT on MS MARCO (the paper's recipe, DESIGN §2.5).
 
-  python -m pairdistill_jax.main --config=configs/colbert.py --workdir=/gcs/bucket/run \
+  python -m pairdistill_jax.main --config=configs/colbert.py --workdir=gs://bucket/run \
       --config.init.pretrained=/models/colbertv2.0 --config.data.train=pairs.train.jsonl \
       --config.data.collection=collection.tsv --config.data.queries=queries.train.tsv
   python -m pairdistill_jax.main --config=configs/colbert.py:demo --workdir=/tmp/demo   # minutes on a CPU

@@ -1,6 +1,6 @@
 """PairDistill DPR on MS MARCO (the paper's recipe, DESIGN §2.5).
 
-  python -m pairdistill_jax.main --config=configs/dpr.py --workdir=/gcs/bucket/run \
+  python -m pairdistill_jax.main --config=configs/dpr.py --workdir=gs://bucket/run \
       --config.init.pretrained=/models/bert-base-uncased --config.data.train=pairs.train.jsonl \
       --config.data.collection=collection.tsv --config.data.queries=queries.train.tsv
   python -m pairdistill_jax.main --config=configs/dpr.py:demo --workdir=/tmp/demo_dpr   # minutes on a CPU

@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state, and the description of the trained model beside them.
 
 WORKDIR/checkpoints/<step>/   the train state (Orbax; asynchronous, atomic: a step directory appears only
-                              once it is complete); one that fails to restore is moved aside to
-                              <step>.corrupt-<time>/ (kept, never deleted, and out of the way of a rerun)
+                              once it is complete — in a bucket, once its commit_success.txt is written);
+                              one that fails to restore is moved aside to <step>.corrupt-<time>/ (kept,
+                              never deleted, and out of the way of a rerun). A bucket workdir's checkpoints
+                              are written to the bucket directly (remote.py)
 WORKDIR/model/                config.json (the run's config), bert_config.json, tokenizer/ (a copy), so
                               export and evaluation need nothing but the workdir
 """
@@ -25,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-from pairdistill_jax import config_lib, distributed, students
+from pairdistill_jax import config_lib, distributed, remote, students
 from pairdistill_jax.paths import CHECKPOINT_DIR, MODEL_DIR
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.models.bert import BertConfig
@@ -80,7 +82,7 @@ class Checkpointer:
       policies.append(BestN(get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True,
                                            preservation_policy=AnyPreservationPolicy(policies))
-    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    self.directory = remote.in_bucket(workdir) / CHECKPOINT_DIR
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -161,7 +163,7 @@ class Checkpointer:
     """Deletes every checkpoint (process 0); those moved aside as corrupt stay."""
     if jax.process_index() == 0:
       for step in self.all_steps():
-        shutil.rmtree(self.directory / str(step))
+        (self.directory / str(step)).rmtree()
     distributed.barrier("checkpoints deleted")
     self._manager.reload()
 

@@ -19,25 +19,30 @@
                       scores and trains from the previous student (round 1: from config.init, or it trains
                       on data.train when the config has training lines)
 
+--workdir may be a bucket URL (gs://bucket/run; needs requirements-gcs.txt): checkpoints go to the bucket
+directly, every other file through a local mirror (--mirror_dir) pushed to the bucket as the run goes.
+
 Any config field can be overridden: `--config.optim.lr=2e-5 --config.train.batch_size=64`; JAX's flags are
 accepted too (`--jax_platforms=cpu`, `--jax_default_matmul_precision=float32`, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import re
 import sys
+import tempfile
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from pairdistill_jax import config_lib, distributed, paths, students
+from pairdistill_jax import config_lib, distributed, paths, remote, students
 from pairdistill_jax import workdir as workdir_lib
 from pairdistill_jax.data.formats import FormatError
 
@@ -59,6 +64,8 @@ _INIT = flags.DEFINE_bool("init", False, "--mode=evaluate: evaluate the student 
                           "(init.checkpoint / init.pretrained, init.layers), i.e. before training.")
 _EVAL_NAME = flags.DEFINE_string("eval_name", "", "--mode=evaluate: write the run and metrics to WORKDIR/eval/NAME/ "
                                   "(default: WORKDIR/eval/, where an earlier run moves to eval/earlier/).")
+_MIRROR_DIR = flags.DEFINE_string("mirror_dir", None, "A bucket --workdir's local mirror (default "
+                                  "~/.cache/pairdistill_jax/mirrors/<bucket>/<path>).")
 _POOLING = flags.DEFINE_enum("pooling", None, ["cls", "mean"], "--mode=evaluate --model_dir: pooling of an HF "
                              "model (default: its sentence-transformers Pooling config).")
 
@@ -103,9 +110,12 @@ def main(argv: list[str]) -> int:
   mode = _MODE.value
   if not _WORKDIR.value:
     fail("--workdir is required")
-  if "://" in _WORKDIR.value:
-    fail(f"--workdir={_WORKDIR.value}: bucket URLs are not supported yet; mount the bucket (gcsfuse, as "
-         "launch/tpu_pod.sh does) and pass its local path")
+  for flag in (_WORKDIR, _EXPORT_DIR):
+    if flag.value and remote.is_url(flag.value):
+      try:
+        remote.check_client(flag.value)
+      except ValueError as e:
+        fail(f"--{flag.name}: {e}")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     return run_mode(config, mode)
@@ -120,31 +130,50 @@ def run_mode(config, mode: str) -> int:
   run beside a training); errors in what the user gave (config, data, paths) propagate to `main`, which says
   them in one line."""
   if mode == "export" and _EXPORT_DIR.value:
-    workdir_lib.check_writable(pathlib.Path(_EXPORT_DIR.value).absolute().parent, "--export_dir's parent")
-    return run_export(_WORKDIR.value)
-  with workdir_lib.locked(_WORKDIR.value, mode):
-    return _run_locked(config, mode)
+    if not remote.is_url(_EXPORT_DIR.value):
+      workdir_lib.check_writable(pathlib.Path(_EXPORT_DIR.value).absolute().parent, "--export_dir's parent")
+    with tempfile.TemporaryDirectory(prefix="pairdistill-read-") as scratch, \
+        _local_workdir(_WORKDIR.value, scratch, push=False) as workdir:
+      return run_export(workdir)
+  with workdir_lib.locked(_WORKDIR.value, mode), \
+      _local_workdir(_WORKDIR.value, _MIRROR_DIR.value, push=jax.process_index() == 0) as workdir:
+    return _run_locked(config, mode, workdir)
 
 
-def _run_locked(config, mode: str) -> int:
+@contextlib.contextmanager
+def _local_workdir(workdir: str, mirror_dir: str | None, push: bool):
+  """The workdir as a local directory: itself, or a bucket workdir's mirror (pulled first, pushed as the
+  command runs and when it ends, when `push`)."""
+  if not remote.is_url(workdir):
+    yield workdir
+    return
+  mirror = remote.Mirror(workdir, pathlib.Path(mirror_dir or remote.default_mirror_dir(workdir)),
+                         bucket_only=(paths.CHECKPOINT_DIR,))
+  mirror.pull()
+  logging.info("Workdir %s: mirrored in %s", workdir, mirror.local)
+  with mirror.pushing(push):
+    yield str(mirror.local)
+
+
+def _run_locked(config, mode: str, workdir: str) -> int:
   if mode == "export":
-    return run_export(_WORKDIR.value)
+    return run_export(workdir)
   if mode == "evaluate":
-    return run_evaluate(config, _WORKDIR.value)
+    return run_evaluate(config, workdir)
   if mode == "benchmark":
-    return run_benchmark(config, _WORKDIR.value)
+    return run_benchmark(config, workdir)
   if mode in ("mine", "score"):
-    return run_teacher_stage(config, _WORKDIR.value, mode)
+    return run_teacher_stage(config, workdir, mode)
   try:  # --mode=rounds without training lines of its own mines them first
     config_lib.validate(config, jax.device_count(), need_data=mode == "train" or bool(config.data.train))
   except config_lib.ConfigError as e:
     fail(f"invalid config: {e}")
 
   if mode == "rounds":
-    return run_rounds(config, _WORKDIR.value)
+    return run_rounds(config, workdir)
   from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
   try:
-    summary = loop.train(config, _WORKDIR.value)
+    summary = loop.train(config, workdir)
   except loop.NonFiniteLossError as e:
     fail(f"--mode=train: {e}; lower optim.lr or raise optim.warmup_steps (the last checkpoint resumes)")
   if jax.process_index() == 0:
@@ -208,10 +237,12 @@ def run_export(workdir: str) -> int:
   trained = _load_trained(workdir, "export")
   out = _EXPORT_DIR.value or os.path.join(workdir, "export")
   if jax.process_index() == 0:
-    students.get(trained.config.model.kind).export(pathlib.Path(out), trained.bert_config, trained.params,
-                                                   trained.tokenizer_dir, trained.config.model)
-    print(f"exported {trained.config.model.kind} (step {trained.step}) to {out}: "
-          f"{', '.join(sorted(os.listdir(out)))}")
+    with tempfile.TemporaryDirectory(prefix="pairdistill-export-") as scratch, \
+        _local_workdir(out, scratch, push=True) as local:
+      students.get(trained.config.model.kind).export(pathlib.Path(local), trained.bert_config, trained.params,
+                                                     trained.tokenizer_dir, trained.config.model)
+      print(f"exported {trained.config.model.kind} (step {trained.step}) to {remote.in_bucket(out)}: "
+            f"{', '.join(sorted(os.listdir(local)))}")
   return 0
 
 
@@ -254,8 +285,10 @@ def run_evaluate(config, workdir: str) -> int:
     if _INIT.value:
       result = evaluate.evaluate_initial(config, workdir, out_dir=out_dir)
     elif _MODEL_DIR.value:
-      result = evaluate.evaluate_model_dir(_MODEL_DIR.value, config.eval, workdir, pooling=_POOLING.value,
-                                           title_separator=config.data.title_separator, out_dir=out_dir)
+      result = evaluate.evaluate_model_dir(remote.staged(_MODEL_DIR.value), config.eval, workdir,
+                                           pooling=_POOLING.value, title_separator=config.data.title_separator,
+                                           out_dir=out_dir, dtype=config.model.dtype,
+                                           attention=config.model.attention)
     else:
       result = evaluate.evaluate_trained(trained, config.eval, workdir,
                                          title_separator=config.data.title_separator, out_dir=out_dir)

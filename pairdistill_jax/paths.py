@@ -20,7 +20,7 @@ import pathlib
 import jax
 import ml_collections
 
-from pairdistill_jax import distributed
+from pairdistill_jax import distributed, remote
 from pairdistill_jax.data import demo
 
 MODEL_DIR = "model"
@@ -36,11 +36,20 @@ def resolve_path(template: str, workdir: str | os.PathLike) -> pathlib.Path:
   return pathlib.Path(template.format(workdir=workdir))
 
 
+def input_path(template: str, workdir: str | os.PathLike) -> pathlib.Path:
+  """A config path of an input file or directory that may name {workdir}, or be a URL (staged locally)."""
+  return pathlib.Path(remote.staged(template.format(workdir=workdir)))
+
+
 def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(field, directory) of the weights a fresh run starts from; ('', '') for a random init."""
+  """(field, directory) of the weights a fresh run starts from; ('', '') for a random init. A URL's directory
+  is a local copy: a bucket workdir's read-only mirror (checkpoints read from the bucket), or a staged model."""
   for field in ("checkpoint", "pretrained"):
-    if config.init[field]:
-      return field, config.init[field]
+    source = config.init[field]
+    if remote.is_url(source) and (remote.in_bucket(source) / MODEL_DIR / "config.json").exists():
+      return field, remote.pulled(source, bucket_only=(CHECKPOINT_DIR,))
+    if source:
+      return field, remote.staged(source)
   return "", ""
 
 
@@ -68,13 +77,15 @@ class DataPaths:
 
 
 def data_paths(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataPaths:
-  """The training files and tokenizer of `config`; the demo's are generated into WORKDIR/demo_data (process 0,
-  once)."""
+  """The training files and tokenizer of `config` (those given as URLs staged to local copies); the demo's are
+  generated into WORKDIR/demo_data (once, by process 0; by every process when the workdir is a bucket's
+  mirror, which only its own host sees)."""
   if config.data.demo:
     root = pathlib.Path(workdir) / DEMO_DATA_DIR
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 or remote.find(workdir) is not None:
       demo.ensure(root, nway=config.data.nway, n_pairs=config.data.max_pairs)
     distributed.barrier("demo data written")
     return DataPaths(str(root / "train.jsonl"), str(root / "collection.tsv"), str(root / "queries.train.tsv"),
-                     config.init.tokenizer or str(root / "tokenizer"))
-  return DataPaths(config.data.train, config.data.collection, config.data.queries, tokenizer_dir(config))
+                     remote.staged(config.init.tokenizer) or str(root / "tokenizer"))
+  return DataPaths(*(remote.staged(path) for path in (config.data.train, config.data.collection,
+                                                        config.data.queries, tokenizer_dir(config))))

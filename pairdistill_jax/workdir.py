@@ -7,6 +7,10 @@ host when its pid is gone, on another host (a multi-host run's process 0) when i
 `STALE_AFTER_S` seconds (a stale lock is renamed aside before it is checked, so two runs taking it over at once
 do not both win). Only process 0 of a multi-process run takes the lock; the others follow its outcome.
 Creating the lock is also the check, before any work, that the workdir is writable.
+
+A bucket workdir (gs://…) has no exclusive create: its lock is written, then read back a second later (of two
+runs starting together, the later writer wins and the other stops); its record carries a heartbeat time, which
+the owner rewrites every `HEARTBEAT_S` seconds.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import uuid
 from collections.abc import Iterator
 
 import jax
+from etils import epath
 
-from pairdistill_jax import distributed
+from pairdistill_jax import distributed, remote
 
-LOCK_FILE = ".lock"
+LOCK_FILE = remote.LOCK_FILE
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
@@ -36,7 +41,7 @@ class WorkdirError(OSError):
   """The workdir cannot be written, or another live run holds its lock."""
 
 
-def _holder(lock: pathlib.Path) -> dict:
+def _holder(lock: pathlib.Path | epath.Path) -> dict:
   """The lock file's owner record (empty when unreadable, e.g. half-written by a killed process)."""
   try:
     return json.loads(lock.read_text())
@@ -54,10 +59,10 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _stale_reason(lock: pathlib.Path, holder: dict) -> str:
+def _stale_reason(lock: pathlib.Path | epath.Path, holder: dict) -> str:
   """Why the lock's owner is known to be gone ('' when it may still run)."""
   try:
-    age = time.time() - lock.stat().st_mtime
+    age = time.time() - (holder["beat"] if "beat" in holder else lock.stat().st_mtime)
   except FileNotFoundError:
     return "released meanwhile"
   if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
@@ -124,10 +129,11 @@ def _move_stale_aside(lock: pathlib.Path, stale: dict) -> None:
   aside.unlink(missing_ok=True)
 
 
-def _release(lock: pathlib.Path, record: dict) -> None:
+def _release(lock: pathlib.Path | epath.Path, record: dict) -> None:
   """Removes the lock file if it is still ours."""
-  if _holder(lock) == record:
-    lock.unlink(missing_ok=True)
+  if _ours(lock, record):
+    with contextlib.suppress(FileNotFoundError):
+      lock.unlink()
 
 
 def _heartbeat(lock: pathlib.Path, stop: threading.Event) -> None:
@@ -136,15 +142,53 @@ def _heartbeat(lock: pathlib.Path, stop: threading.Event) -> None:
       os.utime(lock)
 
 
+def _acquire_in_bucket(workdir: epath.Path, mode: str) -> dict:
+  """Writes the lock of a bucket workdir and checks, a second later, that it is still ours."""
+  lock = workdir / LOCK_FILE
+  record = {"host": socket.gethostname(), "pid": os.getpid(), "mode": mode,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
+  try:
+    if lock.exists():
+      holder = _holder(lock)
+      reason = _stale_reason(lock, holder)
+      if not reason:
+        raise WorkdirError(f"the workdir {workdir} is in use by {_describe(holder)}: wait for it to finish, or "
+                           f"use another --workdir (if that run is dead, delete {lock})")
+      logging.warning("Taking over the lock of %s from %s: %s", workdir, _describe(holder), reason)
+    lock.write_text(json.dumps({**record, "beat": time.time()}))
+    time.sleep(1.0)
+    holder = _holder(lock)
+  except WorkdirError:
+    raise
+  except Exception as e:  # noqa: BLE001 (bucket clients raise their own errors: permissions, credentials)
+    raise WorkdirError(f"the workdir {workdir} is not writable ({type(e).__name__}: {e})") from None
+  if holder.get("token") != record["token"]:
+    raise WorkdirError(f"the workdir {workdir} was locked meanwhile by {_describe(holder)}")
+  return record
+
+
+def _ours(lock: pathlib.Path | epath.Path, record: dict) -> bool:
+  holder = _holder(lock)
+  return holder.get("token", holder) == record.get("token", record)
+
+
+def _beat_in_bucket(lock: epath.Path, record: dict, stop: threading.Event) -> None:
+  while not stop.wait(HEARTBEAT_S):
+    with contextlib.suppress(Exception):  # a failed beat is retried; the lock ages only after STALE_AFTER_S
+      if _ours(lock, record):
+        lock.write_text(json.dumps({**record, "beat": time.time()}))
+
+
 @contextlib.contextmanager
 def locked(workdir: str | os.PathLike, mode: str) -> Iterator[None]:
   """Holds WORKDIR/.lock (process 0) for the duration; raises WorkdirError on every process when another
   live run holds it or the workdir is not writable."""
-  workdir = pathlib.Path(workdir)
+  in_bucket = remote.is_url(workdir)
+  workdir = epath.Path(workdir) if in_bucket else pathlib.Path(workdir)
   record, error = None, None
   if jax.process_index() == 0:
     try:
-      record = _acquire(workdir, mode)
+      record = (_acquire_in_bucket if in_bucket else _acquire)(workdir, mode)
     except OSError as e:  # WorkdirError, or a file operation on a stale lock that failed
       error = e if isinstance(e, WorkdirError) else WorkdirError(f"cannot lock the workdir {workdir}: {e}")
   if not distributed.process_0_decides(error is None):
@@ -153,7 +197,8 @@ def locked(workdir: str | os.PathLike, mode: str) -> Iterator[None]:
     yield
     return
   lock, stop = workdir / LOCK_FILE, threading.Event()
-  beat = threading.Thread(target=_heartbeat, args=(lock, stop), name="workdir-lock", daemon=True)
+  beat = threading.Thread(target=_beat_in_bucket if in_bucket else _heartbeat,
+                          args=(lock, record, stop) if in_bucket else (lock, stop), name="workdir-lock", daemon=True)
   beat.start()
   try:
     yield

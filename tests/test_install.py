@@ -58,6 +58,7 @@ def check_resolution(platform: str, names: dict[str, str]):
   assert plugins == ({PLUGIN[platform]} if PLUGIN[platform] else set()), f"{platform}: plugins {plugins}"
   if platform == "gpu":
     assert names["jax-cuda12-plugin"] == names["jax"]
+  assert ({"gcsfs", "google-cloud-storage"} <= names.keys()) == (platform == "tpu"), platform
   if platform == "cpu":
     assert names["torch"].split("+")[0] == "2.13.0"
   else:
@@ -94,9 +95,10 @@ def test_extras_mirror_requirement_files():
   base = read_requirements("requirements-base.txt")
   assert not any(r.startswith("faiss") for r in base)
   extras = project["project"]["optional-dependencies"]
-  assert sorted(extras) == sorted(PLATFORM_FILES)
+  assert sorted(extras) == sorted([*PLATFORM_FILES, "gcs"])
   for platform, name in PLATFORM_FILES.items():
     assert base | {str(Requirement(r)) for r in extras[platform]} == read_requirements(name), platform
+  assert {str(Requirement(r)) for r in extras["gcs"]} == read_requirements("requirements-gcs.txt")
 
 
 def make_dry_run(*args: str) -> list[str]:

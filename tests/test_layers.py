@@ -7,9 +7,9 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pairdistill_jax"
 
 LAYERS = {  # README: Layout
-    1: "errors distributed data.formats models.bert models.scoring models.cross_encoder models.t5 retrieval.devices "
-       "retrieval.metrics retrieval.faiss_index bench.hlo bench.measure teachers.inputs teachers.pairs "
-       "train.preemption",
+    1: "errors remote distributed data.formats models.bert models.scoring models.cross_encoder models.t5 "
+       "retrieval.devices retrieval.metrics retrieval.faiss_index bench.hlo bench.measure teachers.inputs "
+       "teachers.pairs train.preemption",
     2: "students students.registry config_lib paths workdir sharding data.batching data.demo data.tokenization losses",
     3: "convert convert.bert_table convert.t5_table convert.hf_io convert.export data.store data.pipeline train.state "
        "train.metrics_log",

@@ -75,7 +75,6 @@ def test_dpr_demo_runs_to_completion(tmp_path):
     (["--config=configs/dpr.py:demo", "--config.loss.dpr_workers=3"], "loss.dpr_workers=3 must be >= 0"),
     (["--config=configs/colbert.py:demo,bogus=1"], "unknown config argument 'bogus'"),
     (["--config=configs/colbert.py:demo", "--config.mesh.data=3"], "mesh"),
-    (["--config=configs/colbert.py:demo", "--workdir=gs://bucket/run"], "bucket URLs are not supported yet"),
     (["--config=configs/colbert.py:demo", "--config.optim.lr=1e30", "--config.optim.warmup_steps=0",
       "--config.train.steps=5"], "error: --mode=train: non-finite loss or gradient at step 1"),
     (["--config=configs/colbert.py:demo", "--config.data.prefetch=-1"], "data.prefetch must be >= 0"),

@@ -48,6 +48,7 @@ import numpy as np
 import tqdm
 import transformers
 
+from pairdistill_jax import remote
 from pairdistill_jax.data import formats
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer
 
@@ -246,6 +247,7 @@ def ensure_built(target: PathLike, is_current: Callable[[dict], bool],
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
   try:
+    remote.mark_not_mirrored(tmp)  # a cache: never pushed to a bucket workdir
     meta = build(tmp)
     with formats.atomic_write(tmp / META) as f:
       json.dump(meta, f, indent=1)
@@ -374,10 +376,12 @@ class TokenStore:
                      f"({len(missing)} of {len(rows_K)} ids missing)")
     return rows_K
 
-  def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """{'ids', 'mask'} of the given rows as int32 arrays, as the tokenizer's encode_* returns them."""
-    ids = self.ids[rows].astype(np.int32)
-    positions_L = np.arange(self.ids.shape[1], dtype=np.int32)
+  def gather(self, rows: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
+    """{'ids', 'mask'} of the given rows as int32 arrays, as the tokenizer's encode_* returns them; with
+    `width`, only their first `width` positions (the rows' lengths must not exceed it)."""
+    width = self.ids.shape[1] if width is None else width
+    ids = self.ids[rows, :width].astype(np.int32)
+    positions_L = np.arange(width, dtype=np.int32)
     mask = (positions_L < self.lengths[rows][..., None]).astype(np.int32)
     return {"ids": ids, "mask": mask}
 

@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from pairdistill_jax import students
+from pairdistill_jax import remote, students
 from pairdistill_jax.retrieval import devices
 from pairdistill_jax.retrieval.encoders import Encoder
 
@@ -227,7 +227,12 @@ def encode_corpus(encoder: Encoder, texts: Sequence[str], directory: str | os.Pa
   if vector_dtype not in VECTOR_DTYPES:
     raise ValueError(f"vector_dtype must be one of {VECTOR_DTYPES}, got {vector_dtype!r}")
   directory = pathlib.Path(directory)
+  if jax.process_count() > 1 and remote.find(directory) is not None:
+    raise ValueError(f"{directory} lies in this host's mirror of a bucket workdir, which the other hosts do "
+                     f"not see: give the corpus embeddings a directory every host shares (eval.corpus_dir, "
+                     f"mine.corpus_dir)")
   directory.mkdir(parents=True, exist_ok=True)
+  remote.mark_not_mirrored(directory)  # a cache: never pushed to a bucket workdir
   if not texts:
     raise ValueError("the collection is empty")
   batch_size = devices.round_up(batch_size, encoder.mesh.size)

@@ -81,10 +81,10 @@ def _read_qrels(path: pathlib.Path) -> dict[str, dict[str, int]]:
 def _beir_paths(eval_cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[pathlib.Path, ...]:
   """(collection, queries, qrels): the dataset directory (or its corpus.jsonl), and the files beside it
   unless eval.queries / eval.qrels name others."""
-  collection = paths.resolve_path(eval_cfg.collection, workdir)
+  collection = paths.input_path(eval_cfg.collection, workdir)
   root = collection.parent if collection.is_file() else collection
-  queries = paths.resolve_path(eval_cfg.queries, workdir) if eval_cfg.queries else root / "queries.jsonl"
-  qrels = paths.resolve_path(eval_cfg.qrels, workdir) if eval_cfg.qrels else root / "qrels" / f"{eval_cfg.split}.tsv"
+  queries = paths.input_path(eval_cfg.queries, workdir) if eval_cfg.queries else root / "queries.jsonl"
+  qrels = paths.input_path(eval_cfg.qrels, workdir) if eval_cfg.qrels else root / "qrels" / f"{eval_cfg.split}.tsv"
   return collection, queries, qrels
 
 
@@ -130,7 +130,7 @@ def load_data(eval_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, 
   if eval_cfg.format == "beir":
     corpus_path, queries_path, qrels_path = _beir_paths(eval_cfg, workdir)
   else:
-    corpus_path, queries_path, qrels_path = (paths.resolve_path(eval_cfg[field], workdir)
+    corpus_path, queries_path, qrels_path = (paths.input_path(eval_cfg[field], workdir)
                                              for field in ("collection", "queries", "qrels"))
   collection = formats.text_source(corpus_path, "docs", title_separator=title_separator).read()
   all_queries = formats.text_source(queries_path, "queries", split=eval_cfg.split).read()

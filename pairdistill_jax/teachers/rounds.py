@@ -15,7 +15,7 @@ import pathlib
 import jax
 import ml_collections
 
-from pairdistill_jax import config_lib, paths
+from pairdistill_jax import config_lib, distributed, paths, remote
 from pairdistill_jax.teachers import load, mining, score
 from pairdistill_jax.train import loop
 
@@ -63,6 +63,7 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
   if config.data.demo or config.data.train:
     _log.info("Round 1/%d in %s: training on the config's data", count, first)
     summaries.append(loop.train(config, first))
+    _share(first)
   else:
     for field in ("collection", "queries"):
       if not config.data[field]:
@@ -78,10 +79,25 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
     mining.mine(c, here, queries_path=data.queries, collection_path=data.collection)
     scored = score.score(c, here, queries_path=data.queries, collection_path=data.collection,
                          student=student_factory(c, here), devices=devices)
+    _share(here)
     c.data.train = str(scored.path)
     config_lib.validate(c, jax.device_count())
     summaries.append(loop.train(c, here))
+    _share(here)
   return summaries
+
+
+def _share(workdir: pathlib.Path) -> None:
+  """In a bucket workdir, what process 0 wrote (scored lines, the model description) reaches the mirrors of
+  the other hosts, which read it in the next stage."""
+  mirror = remote.find(workdir)
+  if mirror is None or jax.process_count() == 1:
+    return
+  if jax.process_index() == 0:
+    mirror.push()
+  distributed.barrier(f"{workdir} pushed")
+  if jax.process_index() != 0:
+    mirror.pull()
 
 
 def student_factory(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from pairdistill_jax import checkpoint, config_lib, distributed, paths, sharding, students
+from pairdistill_jax import checkpoint, config_lib, distributed, paths, remote, sharding, students
 from pairdistill_jax.convert.students import import_student
 from pairdistill_jax.data import pipeline
 from pairdistill_jax.data.tokenization import student_tokenizer
@@ -150,8 +150,11 @@ def _run(config, workdir, state, step_fn, batches, batch_sh, rng, checkpointer, 
         consume(*pending)
         pending = None
         write_window(done)
-      checkpointer.save(done, state, data_state=batches.get_state(), config=config, metrics=eval_metrics,
-                        last=last)
+      saved = checkpointer.save(done, state, data_state=batches.get_state(), config=config, metrics=eval_metrics,
+                                last=last)
+      if saved and jax.process_index() == 0:  # a bucket workdir's curves reach the bucket with each checkpoint
+        log.flush()
+        remote.push(workdir)
       if stop:
         preempted_at = done
         break

@@ -67,6 +67,10 @@ class MetricsLog:
     for name, value in record.items():
       self._tb.add_scalar(f"{section}/{name}", value, step)
 
+  def flush(self) -> None:
+    if self.enabled:
+      self._tb.flush()
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()

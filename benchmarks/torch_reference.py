@@ -1,0 +1,155 @@
+"""What benchmarks/step_vs_torch.py and encode_vs_torch.py share: the XLA flags, interleaved timing, the
+PyTorch ColBERT of the project's shape (transformers `BertModel`, default SDPA attention), padded token ids.
+
+It imports neither jax nor torch at the top: `apply_xla_flags` must run before jax is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# --ynn: 'default' leaves XLA's own choice (jaxlib 0.10 sends dots to YNNPACK fusions), 'off' enables no YNN
+# fusion type (XLA's own dot emitter), 'on' every type; anything else is passed as the type list ('dot').
+YNN_VALUES = {"off": "", "on": "dot,eltwise,reduce"}
+CLS, SEP, MASK, PAD = 101, 102, 103, 0  # bert-base-uncased ids
+QUERY_MARKER, DOC_MARKER = 1, 2  # [unused0], [unused1]
+
+
+def add_shape_args(parser: argparse.ArgumentParser, *, warmup: int) -> None:
+  """The MiniLM shape (all-MiniLM-L6-v2), the timing and the XLA flag options both scripts take."""
+  parser.add_argument("--layers", type=int, default=6)
+  parser.add_argument("--hidden", type=int, default=384)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--intermediate", type=int, default=1536)
+  parser.add_argument("--vocab", type=int, default=30522)
+  parser.add_argument("--dim", type=int, default=128, help="ColBERT vector size")
+  parser.add_argument("--pairs", type=int, default=5, help="(JAX, torch) measurement pairs, at least 3")
+  parser.add_argument("--steps", type=int, default=1, help="calls per measurement")
+  parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls of each side after compiling")
+  parser.add_argument("--ynn", default="default",
+                      help="off | on | default | a YNN fusion type list (sets %s before jax loads)" % YNN_FLAG)
+  parser.add_argument("--seed", type=int, default=0)
+
+
+def check_args(args: argparse.Namespace) -> None:
+  if args.pairs < 3 or args.steps < 1 or args.warmup < 1:
+    raise SystemExit(f"--pairs must be >= 3, --steps and --warmup >= 1; got {args.pairs}, {args.steps}, "
+                     f"{args.warmup}")
+
+
+def apply_xla_flags(ynn: str) -> str:
+  """Sets the YNN fusion flag in XLA_FLAGS (replacing any given) unless `ynn` is 'default'; returns XLA_FLAGS."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if ynn != "default":
+    flags = [f for f in flags if not f.startswith(YNN_FLAG + "=")]
+    flags.append(f"{YNN_FLAG}={YNN_VALUES.get(ynn, ynn)}")
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+  return os.environ["XLA_FLAGS"]
+
+
+def loadavg() -> str:
+  """The 1, 5 and 15 minute load averages."""
+  with open("/proc/loadavg") as f:
+    return " ".join(f.read().split()[:3])
+
+
+def print_setup(torch_module, args: argparse.Namespace) -> None:
+  """Cores, threads and flags that the two sides run with."""
+  import jax
+  print(f"cpus {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}); torch {torch_module.__version__} "
+        f"threads {torch_module.get_num_threads()} (interop {torch_module.get_num_interop_threads()}); "
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (--ynn={args.ynn})")
+  print(f"shape: {args.layers} layers x {args.hidden} hidden, {args.heads} heads, intermediate "
+        f"{args.intermediate}, vocab {args.vocab}, dim {args.dim}; float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  wall_s: float
+  cpu_s: float
+
+
+def timed(run: Callable[[], object], calls: int) -> Timing:
+  """Wall and process CPU seconds per call of `run` (which blocks until its results exist)."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(calls):
+    run()
+  return Timing((time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls)
+
+
+def interleaved(run_jax: Callable[[], object], run_torch: Callable[[], object], pairs: int,
+                calls: int) -> tuple[list[Timing], list[Timing]]:
+  """JAX, torch, JAX, torch, ... `pairs` times; prints each pair and the load average around them."""
+  print(f"load average before: {loadavg()}")
+  loads = [float(loadavg().split()[0])]
+  jax_times, torch_times = [], []
+  for i in range(pairs):
+    jax_times.append(timed(run_jax, calls))
+    torch_times.append(timed(run_torch, calls))
+    j, t = jax_times[-1], torch_times[-1]
+    print(f"pair {i}: jax {j.wall_s:.3f} s (cpu {j.cpu_s:.2f}) torch {t.wall_s:.3f} s (cpu {t.cpu_s:.2f}) "
+          f"torch/jax {t.wall_s / j.wall_s:.2f}  load {loadavg()}")
+    loads.append(float(loadavg().split()[0]))
+  print(f"load average after: {loadavg()}")
+  if max(loads) > os.cpu_count() + 1:  # this process alone keeps the load near the core count
+    print(f"warning: load average up to {max(loads):.1f} on {os.cpu_count()} cores: other processes shared the "
+          f"CPUs, which slows torch's OpenMP threads more than XLA's (the ratio is inflated); rerun when quiet")
+  return jax_times, torch_times
+
+
+def medians(times: list[Timing]) -> Timing:
+  return Timing(statistics.median(t.wall_s for t in times), statistics.median(t.cpu_s for t in times))
+
+
+def print_medians(jax_times: list[Timing], torch_times: list[Timing]) -> tuple[Timing, Timing]:
+  """Medians per call of both sides, and their CPU time over wall time (cores kept busy)."""
+  j, t = medians(jax_times), medians(torch_times)
+  print(f"median jax {j.wall_s:.3f} s (cpu {j.cpu_s:.2f} s, {j.cpu_s / j.wall_s:.2f} cores) "
+        f"torch {t.wall_s:.3f} s (cpu {t.cpu_s:.2f} s, {t.cpu_s / t.wall_s:.2f} cores)")
+  print(f"cpu-time ratio torch/jax {t.cpu_s / j.cpu_s:.3f}")
+  return j, t
+
+
+def padded_ids(rng: np.random.Generator, rows: int, length: int, vocab: int, min_len: int,
+               marker: int) -> tuple[np.ndarray, np.ndarray]:
+  """[CLS] marker words [SEP] of min_len..length tokens, right-padded with [PAD]: (ids, mask) int32."""
+  lengths = rng.integers(min(min_len, length), length + 1, size=rows)
+  ids = rng.integers(1000, vocab, size=(rows, length)).astype(np.int32)
+  ids[:, 0], ids[:, 1] = CLS, marker
+  ids[np.arange(rows), lengths - 1] = SEP
+  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  return np.where(mask > 0, ids, PAD).astype(np.int32), mask
+
+
+def torch_colbert(torch, args: argparse.Namespace, dropout: float, attention_dropout: float):
+  """transformers BertModel (no pooler; SDPA attention) + bias-free Linear H->dim, as stanford HF_ColBERT."""
+  import transformers
+
+  class TorchColBERT(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      config = transformers.BertConfig(
+          vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+          num_attention_heads=args.heads, intermediate_size=args.intermediate, hidden_dropout_prob=dropout,
+          attention_probs_dropout_prob=attention_dropout, attn_implementation="sdpa")
+      self.bert = transformers.BertModel(config, add_pooling_layer=False)
+      self.linear = torch.nn.Linear(args.hidden, args.dim, bias=False)
+
+    def forward(self, ids_BxL, mask_BxL):
+      hidden_BxLxH = self.bert(input_ids=ids_BxL, attention_mask=mask_BxL).last_hidden_state
+      return torch.nn.functional.normalize(self.linear(hidden_BxLxH), dim=-1)
+
+  torch.manual_seed(args.seed)
+  model = TorchColBERT()
+  print(f"torch attention: {model.bert.config._attn_implementation}")
+  return model

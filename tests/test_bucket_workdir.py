@@ -105,6 +105,7 @@ def test_a_live_run_s_lock_in_the_bucket_is_respected(tmp_path):
   assert not lock.exists()
 
 
+@pytest.mark.slow  # 70 s: two jax.distributed processes
 def test_two_hosts_train_into_one_bucket_each_through_its_own_mirror(tmp_path):
   """Two processes with separate caches (as two hosts): each generates the demo data into its own mirror, both
   read the checkpoints from the bucket, only process 0 pushes."""

@@ -134,3 +134,16 @@ def test_data_and_path_errors_in_train_mode_are_one_line(tmp_path, real_data, ca
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, last
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("--xla_force_host_platform_device_count=2",
+     "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot", "--xla_cpu_experimental_ynn_fusion_type=dot")])
+def test_the_cli_turns_xla_cpu_ynn_fusions_off_unless_told(given, expected):
+  """Set before jax loads (README, Performance: they slow corpus encoding on x86); a choice in XLA_FLAGS stays."""
+  result = subprocess.run([sys.executable, "-c", "import os, pairdistill_jax.main, jax; jax.devices(); "
+                           "print(os.environ['XLA_FLAGS'])"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, XLA_FLAGS=given, JAX_PLATFORMS="cpu"), timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == expected

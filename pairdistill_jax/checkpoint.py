@@ -240,7 +240,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
     if step is None:  # the newest that restores (a corrupted one is skipped with a warning, left in place)
       restored = checkpointer.restore_latest(like, shardings, move_aside=False)
       if restored is None:
-        raise FileNotFoundError(f"{workdir}/{CHECKPOINT_DIR} holds no checkpoint that restores")
+        raise FileNotFoundError(f"{checkpointer.directory} holds no checkpoint that restores")
       step, state, _ = restored
     else:
       state, _ = checkpointer.restore(step, like, shardings)

@@ -42,7 +42,7 @@ def initial_state(config, workdir, checkpointer, state, shardings, pretrained):
     restored = None
   if restored is not None:
     step, state, data_state = restored
-    logging.info("Resuming from %s/%s/%d", workdir, paths.CHECKPOINT_DIR, step)
+    logging.info("Resuming from %s/%d", checkpointer.directory, step)
     return state, data_state
   field, directory = paths.init_source(config)
   if field:

@@ -2,12 +2,15 @@
 files and stores, built directly)."""
 
 import json
+import pathlib
+import types
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pairdistill_jax.data import batching
+from pairdistill_jax.data import batching, formats
 from pairdistill_jax.data.formats import PathLike, TrainingExample, atomic_write
+from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer
 from pairdistill_jax.retrieval import corpus
 
 
@@ -42,3 +45,17 @@ def write_beir_queries(path: PathLike, queries: Mapping[str, str]) -> None:
 def token_store(vectors_TxD: np.ndarray, lengths_N: np.ndarray) -> corpus.TokenStore:
   """A multi-vector store of one chunk holding every document."""
   return corpus.TokenStore([vectors_TxD], lengths_N, chunk_size=max(len(lengths_N), 1))
+
+
+def write_training_data(root: pathlib.Path, collection: Mapping[str, str], queries: Mapping[str, str],
+                        examples: Sequence[TrainingExample], tokenizer_dir: PathLike) -> types.SimpleNamespace:
+  """collection.tsv, queries.tsv and train.jsonl in `root`, with a small ColBERT tokenizer: what
+  pipeline.train_iterator reads (`paths`) and the inputs themselves."""
+  formats.write_collection(root / "collection.tsv", collection)
+  formats.write_queries(root / "queries.tsv", queries)
+  formats.write_training_lines(root / "train.jsonl", examples)
+  tokenizer = ColBERTTokenizer(load_tokenizer(tokenizer_dir), query_maxlen=8, doc_maxlen=16)
+  paths = types.SimpleNamespace(train=str(root / "train.jsonl"), collection=str(root / "collection.tsv"),
+                                queries=str(root / "queries.tsv"))
+  return types.SimpleNamespace(root=root, collection=collection, queries=queries, examples=examples,
+                               tokenizer=tokenizer, paths=paths)

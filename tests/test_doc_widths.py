@@ -9,7 +9,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -18,9 +17,8 @@ import pytest
 from configs import colbert as colbert_config
 from configs import dpr as dpr_config
 from pairdistill_jax import checkpoint, config_lib, sharding
-from pairdistill_jax.data import batching, formats, pipeline
+from pairdistill_jax.data import batching, pipeline
 from pairdistill_jax.data.formats import TrainingExample
-from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer
 from pairdistill_jax.errors import ConfigError
 from pairdistill_jax.models import scoring
 from pairdistill_jax.models.bert import BertConfig
@@ -204,14 +202,7 @@ def bucket_data(tmp_path_factory, minilm_dir):
       collection[f"p{k}b"] = " ".join([WORD] * min(words, 2))
       examples.append(TrainingExample(f"q{k}", (f"p{k}a", f"p{k}b"), (1.0 + k, 0.5), ((0, 1, -0.2),)))
   queries = {f"q{k}": "why water" for k in range(len(examples))}
-  formats.write_collection(root / "collection.tsv", collection)
-  formats.write_queries(root / "queries.tsv", queries)
-  formats.write_training_lines(root / "train.jsonl", examples)
-  tokenizer = ColBERTTokenizer(load_tokenizer(minilm_dir), query_maxlen=8, doc_maxlen=16)
-  paths = types.SimpleNamespace(train=str(root / "train.jsonl"), collection=str(root / "collection.tsv"),
-                                queries=str(root / "queries.tsv"))
-  return types.SimpleNamespace(collection=collection, queries=queries, examples=examples, tokenizer=tokenizer,
-                               paths=paths)
+  return data_helpers.write_training_data(root, collection, queries, examples, minilm_dir)
 
 
 def _bucket_iterator(data, doc_widths="8,12", **kwargs):

@@ -5,14 +5,13 @@ import importlib.util
 import json
 import logging
 import pathlib
-import types
 
 import numpy as np
 import pytest
 
-from pairdistill_jax.data import batching, formats, pipeline, store
+from pairdistill_jax.data import batching, pipeline, store
 from pairdistill_jax.data.formats import FormatError, TrainingExample
-from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
+from pairdistill_jax.data.tokenization import DPRTokenizer
 
 import data_helpers
 
@@ -42,14 +41,7 @@ def data(tmp_path_factory, minilm_dir):
   collection = {str(p): " ".join(rng.choice(WORDS, int(rng.integers(0, 25)))) for p in range(200)}
   queries = {f"q{k}": " ".join(rng.choice(WORDS, 4)) for k in range(LINES)}
   examples = [_example(k, rng) for k in range(LINES)]
-  formats.write_collection(root / "collection.tsv", collection)
-  formats.write_queries(root / "queries.tsv", queries)
-  formats.write_training_lines(root / "train.jsonl", examples)
-  tokenizer = ColBERTTokenizer(load_tokenizer(minilm_dir), query_maxlen=8, doc_maxlen=16)
-  paths = types.SimpleNamespace(train=str(root / "train.jsonl"), collection=str(root / "collection.tsv"),
-                                queries=str(root / "queries.tsv"))
-  return types.SimpleNamespace(root=root, collection=collection, queries=queries, examples=examples,
-                               tokenizer=tokenizer, paths=paths)
+  return data_helpers.write_training_data(root, collection, queries, examples, minilm_dir)
 
 
 def _config(**data):

@@ -139,7 +139,7 @@ def run_mode(config, mode: str) -> int:
     if not remote.is_url(_EXPORT_DIR.value):
       workdir_lib.check_writable(pathlib.Path(_EXPORT_DIR.value).absolute().parent, "--export_dir's parent")
     with tempfile.TemporaryDirectory(prefix="pairdistill-read-") as scratch, \
-        _local_workdir(_WORKDIR.value, scratch, push=False) as workdir:
+        _local_workdir(_WORKDIR.value, scratch, push=False, under=paths.MODEL_DIR) as workdir:
       return run_export(workdir)
   with workdir_lib.locked(_WORKDIR.value, mode), \
       _local_workdir(_WORKDIR.value, _MIRROR_DIR.value, push=jax.process_index() == 0) as workdir:
@@ -147,15 +147,15 @@ def run_mode(config, mode: str) -> int:
 
 
 @contextlib.contextmanager
-def _local_workdir(workdir: str, mirror_dir: str | None, push: bool):
-  """The workdir as a local directory: itself, or a bucket workdir's mirror (pulled first, pushed as the
-  command runs and when it ends, when `push`)."""
+def _local_workdir(workdir: str, mirror_dir: str | None, push: bool, under: str = ""):
+  """The workdir as a local directory: itself, or a bucket workdir's mirror (pulled first — only its
+  subdirectory `under` if given — and pushed as the command runs and when it ends, when `push`)."""
   if not remote.is_url(workdir):
     yield workdir
     return
   mirror = remote.Mirror(workdir, pathlib.Path(mirror_dir or remote.default_mirror_dir(workdir)),
                          bucket_only=(paths.CHECKPOINT_DIR,))
-  mirror.pull()
+  mirror.pull(under)
   logging.info("Workdir %s: mirrored in %s", workdir, mirror.local)
   with mirror.pushing(push):
     yield str(mirror.local)

@@ -139,12 +139,15 @@ class Mirror:
     tmp.write_text(json.dumps({"url": self.url, "bucket_only": self.bucket_only, "files": self._state}))
     os.replace(tmp, self.local / MANIFEST)
 
-  def pull(self) -> None:
-    """Makes the mirror hold the bucket's files: downloads those that differ, deletes local ones the bucket
-    lacks (e.g. written by a run that died before pushing them)."""
+  def pull(self, under: str = "") -> None:
+    """Makes the mirror hold the bucket's files (those in its subdirectory `under`, if given): downloads those
+    that differ, deletes local ones the bucket lacks (e.g. written by a run that died before pushing them)."""
     with self._lock:
       self.local.mkdir(parents=True, exist_ok=True)
-      remote, local = _remote_files(self.remote, self.bucket_only), _local_files(self.local)
+      remote = {str(pathlib.PurePosixPath(under, name)): version
+                for name, version in _remote_files(self.remote / under, self.bucket_only).items()}
+      local = {name: version for name, version in _local_files(self.local).items()
+               if not under or name.startswith(f"{under}/")}
       for name in local.keys() - remote.keys():
         with contextlib.suppress(FileNotFoundError):  # the processes of one host may share a mirror
           (self.local / name).unlink()

@@ -183,6 +183,11 @@ def test_mirror_pull_and_push(bucket, tmp_path):
   assert (mirror.local / "metrics.jsonl").read_text() == "{}\n{}\n"
   assert (mirror.local / "eval" / "corpus" / "chunk_0.npy").exists()  # caches stay
   assert str(remote.in_bucket(mirror.local / "round_1")) == "gs://bkt/run/round_1"
+  write(bucket / "run" / "model" / "bert_config.json", "{}")
+  reader = remote.Mirror("gs://bkt/run", tmp_path / "reader", bucket_only=("checkpoints",))
+  reader.pull("model")  # what an export beside a training reads
+  assert [p.name for p in reader.local.rglob("*") if p.is_file() and p.name != ".mirror.json"] == [
+      "bert_config.json"]
   with pytest.raises(ValueError, match="mirrors gs://bkt/run, not gs://bkt/other"):
     remote.Mirror("gs://bkt/other", mirror.local).pull()
 

@@ -143,6 +143,7 @@ def run_mode(config, mode: str) -> int:
       return run_export(workdir)
   with workdir_lib.locked(_WORKDIR.value, mode), \
       _local_workdir(_WORKDIR.value, _MIRROR_DIR.value, push=jax.process_index() == 0) as workdir:
+    distributed.barrier("workdir ready")  # the processes of one host may share a mirror: all have pulled it
     return _run_locked(config, mode, workdir)
 
 

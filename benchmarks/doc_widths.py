@@ -4,7 +4,7 @@
   .venv/bin/python benchmarks/doc_widths.py --corpus=/data/msmarco/collection.tsv --queries=... --batches=8
 
 Tokenises a sample of the corpus's passages (and queries) with the ColBERT tokenizer over the all-MiniLM-L6-v2
-vocabulary (config_lib.minilm_dir(); title ' | ' text as ColBERT joins them) and prints their length
+vocabulary (configs/scifact.py minilm_dir(); title ' | ' text as ColBERT joins them) and prints their length
 distribution. Then it draws `--batches` training batches of `batch_size` queries x `nway` passages from that
 sample (real token ids and masks; random teacher scores and pairs) and times the project's jitted train step
 (train/step.py, a random init of the MiniLM shape: 6 layers x 384, ColBERT dim 128, float32) on each batch
@@ -21,7 +21,6 @@ shapes and need no data or tokenizer: this one needs a corpus and a tokenizer to
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
@@ -34,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
+from configs import scifact  # noqa: E402
 from pairdistill_jax import config_lib, sharding, students  # noqa: E402
-from pairdistill_jax.bench import runner  # noqa: E402
+from pairdistill_jax.bench import modes  # noqa: E402
 from pairdistill_jax.data import batching, formats  # noqa: E402
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer  # noqa: E402
 from pairdistill_jax.models.bert import BertConfig  # noqa: E402
@@ -49,7 +49,7 @@ PAPER_SHAPE = (32, 64)  # queries x nway of the ColBERT recipe
 
 def _parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--corpus", default=config_lib.SCIFACT_DIR, help="BEIR folder, corpus.jsonl or collection.tsv")
+  parser.add_argument("--corpus", default=scifact.data_dir(), help="BEIR folder, corpus.jsonl or collection.tsv")
   parser.add_argument("--queries", default="", help="queries (default: --corpus when it is a BEIR folder)")
   parser.add_argument("--split", default="train", help="a BEIR folder's query split")
   parser.add_argument("--sample", type=int, default=2000, help="passages tokenised for the length distribution")
@@ -65,10 +65,7 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _colbert_config(args) -> "ml_collections.ConfigDict":  # noqa: F821
-  spec = importlib.util.spec_from_file_location("colbert_config", ROOT / "configs" / "colbert.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"batch_size={args.batch_size},nway={args.nway}")
+  config = config_lib.load_config(f"{ROOT / 'configs' / 'colbert.py'}:batch_size={args.batch_size},nway={args.nway}")
   config.model.update(dtype="float32", query_maxlen=args.query_maxlen, doc_maxlen=args.doc_maxlen)
   config.model.bert.update(vocab_size=30522, **MINILM)
   config.data.doc_widths = args.doc_widths
@@ -112,7 +109,7 @@ def main() -> None:
   rng = np.random.default_rng(args.seed)
   config = _colbert_config(args)
   widths = config_lib.doc_widths(config)
-  tokenizer = ColBERTTokenizer(load_tokenizer(config_lib.minilm_dir()), query_maxlen=args.query_maxlen,
+  tokenizer = ColBERTTokenizer(load_tokenizer(scifact.minilm_dir()), query_maxlen=args.query_maxlen,
                                doc_maxlen=args.doc_maxlen)
   doc_texts, query_texts = _load_texts(args, rng)
   docs = tokenizer.encode_docs(doc_texts)
@@ -124,7 +121,7 @@ def main() -> None:
   def draw_batch() -> dict:
     rows = rng.choice(len(doc_texts), size=args.batch_size * args.nway, replace=True)
     queries = tokenizer.encode_queries([query_texts[i] for i in rng.choice(len(query_texts), args.batch_size)])
-    batch = runner.synthetic_batch(config, args.batch_size, seed=int(rng.integers(1 << 30)))
+    batch = modes.synthetic_batch(config, args.batch_size, seed=int(rng.integers(1 << 30)))
     batch.update(q_ids=queries["ids"], q_mask=queries["mask"])
     shape = (args.batch_size, args.nway, args.doc_maxlen)
     batch.update({f"d_{k}": docs[k][rows].reshape(shape) for k in ("ids", "mask", "score_mask")})

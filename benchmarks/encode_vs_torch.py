@@ -62,12 +62,12 @@ def jax_encoder(config):
   """
   import jax
   from pairdistill_jax import students
-  from pairdistill_jax.bench import runner
+  from pairdistill_jax.bench import modes
   from pairdistill_jax.retrieval.encoders import Encoder
   from pairdistill_jax.train import state as state_lib
 
   model_cfg = config.model
-  module = students.make_student(model_cfg, runner.bert_config(config))
+  module = students.make_student(model_cfg, modes.bert_config(config))
   params = state_lib.init_params(module, config, jax.random.PRNGKey(0))
   tokenizer = types.SimpleNamespace(tokenizer=range(config.model.bert.vocab_size),
                                     query_maxlen=model_cfg.query_maxlen, doc_maxlen=model_cfg.doc_maxlen,
@@ -79,11 +79,11 @@ def jax_encoder(config):
 
 def torch_encoder(torch, config, params, args: argparse.Namespace):
   """The same ColBERT in PyTorch (eval mode, the JAX parameters)."""
-  from pairdistill_jax.bench import runner
+  from pairdistill_jax.bench import modes
   from pairdistill_jax.convert import bert_table
 
   model = ref.torch_colbert(torch, args, 0.0, 0.0).eval()
-  hf = bert_table.flax_to_hf(params["bert"], runner.bert_config(config))
+  hf = bert_table.flax_to_hf(params["bert"], modes.bert_config(config))
   model.bert.load_state_dict({k: torch.tensor(v) for k, v in hf.items() if not k.startswith("pooler.")})
   model.linear.weight.data = torch.tensor(params["linear"]["kernel"].T)
   return model
@@ -120,7 +120,8 @@ def main() -> None:
                                            args.steps)
   j, t = ref.print_medians(jax_times, torch_times)
   print(f"passages/s: jax {args.batch_size / j.wall_s:.1f} torch {args.batch_size / t.wall_s:.1f}")
-  print(f"ratio {t.wall_s / j.wall_s:.3f}")
+  ref.print_result("encode_vs_torch", args, j, t, jax_passages_s=args.batch_size / j.wall_s,
+                   torch_passages_s=args.batch_size / t.wall_s)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 # Store-building worker processes import this script again, so it imports only what they need at the top:
 # data.pipeline (with jax and grain) is imported by the stages that use it.
+from pairdistill_jax import io  # noqa: E402
 from pairdistill_jax.data import formats, store  # noqa: E402
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer  # noqa: E402
 
@@ -118,7 +119,7 @@ def _write_synthetic(args, words: np.ndarray) -> None:
   root.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(args.seed)
   started = time.perf_counter()
-  with formats.atomic_write(root / "collection.tsv") as f:
+  with io.atomic_write(root / "collection.tsv") as f:
     for start in range(0, args.passages, 50_000):
       count = min(50_000, args.passages - start)
       lengths = rng.integers(20, 111, size=count)
@@ -152,7 +153,7 @@ def _stores(args, tokenizer, progress: bool):
 
 
 def _build_stage(args) -> dict:
-  from pairdistill_jax.data import pipeline
+  from pairdistill_jax.data.training_set import compile_training_set
 
   tokenizer = _tokenizer(args)
   before_mb = _status_mb("VmRSS")
@@ -163,8 +164,8 @@ def _build_stage(args) -> dict:
   built = time.perf_counter() - started
   peak_with_workers_mb = sampler.stop()
   compiled_at = time.perf_counter()
-  pipeline.compile_training_set(pathlib.Path(args.workdir) / "train.jsonl", docs, queries,
-                                pathlib.Path(args.workdir) / "stores", nway=args.nway, max_pairs=16)
+  compile_training_set(pathlib.Path(args.workdir) / "train.jsonl", docs, queries,
+                       pathlib.Path(args.workdir) / "stores", nway=args.nway, max_pairs=16)
   return {"build_s": built, "passages_per_s": len(docs) / built, "compile_s": time.perf_counter() - compiled_at,
           "rss_before_mb": before_mb, "build_peak_rss_mb": _status_mb("VmHWM"),
           "peak_with_workers_mb": peak_with_workers_mb,
@@ -187,14 +188,15 @@ def _iterate(batches, num_threads: int, prefetch: int, steps: int, batch_size: i
 
 def _iterate_stage(args) -> dict:
   from pairdistill_jax.data import pipeline
+  from pairdistill_jax.data.training_set import compile_training_set
 
   tokenizer = _tokenizer(args)
   base_rss = _status_mb("VmRSS")
   started = time.perf_counter()
   docs, queries = _stores(args, tokenizer, progress=False)
-  training_set = pipeline.compile_training_set(pathlib.Path(args.workdir) / "train.jsonl", docs, queries,
-                                               pathlib.Path(args.workdir) / "stores", nway=args.nway,
-                                               max_pairs=16, progress=False)
+  training_set = compile_training_set(pathlib.Path(args.workdir) / "train.jsonl", docs, queries,
+                                      pathlib.Path(args.workdir) / "stores", nway=args.nway, max_pairs=16,
+                                      progress=False)
   opened = time.perf_counter() - started
   open_rss = _status_mb("VmRSS")
   indices = pipeline.example_indices(len(training_set), batch_size=args.batch_size, seed=args.seed)

@@ -32,7 +32,6 @@ code (ir-measures) on the same judged queries, collection and qrels as the exact
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -131,10 +130,9 @@ def _cli(workdir: pathlib.Path, mode: str | None) -> None:
 
 
 def _demo_config():
-  spec = importlib.util.spec_from_file_location("configs_colbert", ROOT / "configs" / "colbert.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("demo")
+  from pairdistill_jax import config_lib  # noqa: PLC0415 (imported once sys.path holds the checkout)
+
+  return config_lib.load_config(f"{ROOT / 'configs' / 'colbert.py'}:demo")
 
 
 def main() -> None:

@@ -65,10 +65,10 @@ def colbert_config(args: argparse.Namespace):
 def make_batch(config, args: argparse.Namespace) -> dict:
   """The project's synthetic batch (teacher scores, pairs, masks) with realistic token ids and padding."""
   import numpy as np
-  from pairdistill_jax.bench import runner
+  from pairdistill_jax.bench import modes
 
   rng = np.random.default_rng(args.seed)
-  batch = runner.synthetic_batch(config, args.queries, args.seed)
+  batch = modes.synthetic_batch(config, args.queries, args.seed)
   q_ids, q_mask = ref.padded_ids(rng, args.queries, args.query_len, args.vocab, 8, ref.QUERY_MARKER)
   batch["q_ids"], batch["q_mask"] = np.where(q_mask > 0, q_ids, ref.MASK).astype(np.int32), q_mask
   rows, doc_shape = args.queries * args.nway, (args.queries, args.nway, args.doc_len)
@@ -83,12 +83,12 @@ def jax_step(config, batch: dict):
   blocks on the new state."""
   import jax
   from pairdistill_jax import sharding, students
-  from pairdistill_jax.bench import runner
+  from pairdistill_jax.bench import modes
   from pairdistill_jax.train import state as state_lib
   from pairdistill_jax.train.step import make_train_step
 
   mesh = sharding.make_mesh(config)
-  model = students.make_student(config.model, runner.bert_config(config))
+  model = students.make_student(config.model, modes.bert_config(config))
   tx = state_lib.optimizer(config)
   with jax.set_mesh(mesh):
     state, shardings = state_lib.create(model, tx, config, mesh, jax.random.PRNGKey(0))
@@ -112,12 +112,12 @@ def jax_step(config, batch: dict):
 def torch_step(torch, config, batch: dict, initial, args: argparse.Namespace):
   """A PyTorch train step of the same model (the JAX side's initial weights), loss and optimizer on `batch`;
   returns a call of it."""
-  from pairdistill_jax.bench import runner
+  from pairdistill_jax.bench import modes
   from pairdistill_jax.convert import bert_table
 
   bert_cfg, optim_cfg = config.model.bert, config.optim
   model = ref.torch_colbert(torch, args, bert_cfg.hidden_dropout_prob, bert_cfg.attention_probs_dropout_prob)
-  hf = bert_table.flax_to_hf(initial["bert"], runner.bert_config(config))
+  hf = bert_table.flax_to_hf(initial["bert"], modes.bert_config(config))
   model.bert.load_state_dict({k: torch.tensor(v) for k, v in hf.items() if not k.startswith("pooler.")})
   model.linear.weight.data = torch.tensor(initial["linear"]["kernel"].T)
   model.train()
@@ -169,7 +169,7 @@ def main() -> None:
         f"jax {j:.5f} torch {t:.5f}" for j, t in losses))
     jax_times, torch_times = ref.interleaved(run_jax, run_torch, args.pairs, args.steps)
   j, t = ref.print_medians(jax_times, torch_times)
-  print(f"ratio {t.wall_s / j.wall_s:.3f}")
+  ref.print_result("step_vs_torch", args, j, t)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -37,6 +38,7 @@ def add_shape_args(parser: argparse.ArgumentParser, *, warmup: int) -> None:
   parser.add_argument("--ynn", default="default",
                       help="off | on | default | a YNN fusion type list (sets %s before jax loads)" % YNN_FLAG)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--json", default="", help="append the RESULT record (machine, medians, ratio) to this file")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -62,12 +64,13 @@ def loadavg() -> str:
 
 
 def print_setup(torch_module, args: argparse.Namespace) -> None:
-  """Cores, threads and flags that the two sides run with."""
-  import jax
-  print(f"cpus {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}); torch {torch_module.__version__} "
-        f"threads {torch_module.get_num_threads()} (interop {torch_module.get_num_interop_threads()}); "
-        f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (--ynn={args.ynn})")
+  """The machine line (CPU, ISA, cores, versions, flags: bench/machine.py) and the threads of both sides."""
+  import jax  # noqa: F401  (loaded, so that the machine line reports it)
+
+  from pairdistill_jax.bench import machine
+
+  print(machine.machine_line())
+  print(f"torch interop threads {torch_module.get_num_interop_threads()}; --ynn={args.ynn}")
   print(f"shape: {args.layers} layers x {args.hidden} hidden, {args.heads} heads, intermediate "
         f"{args.intermediate}, vocab {args.vocab}, dim {args.dim}; float32")
 
@@ -117,6 +120,21 @@ def print_medians(jax_times: list[Timing], torch_times: list[Timing]) -> tuple[T
         f"torch {t.wall_s:.3f} s (cpu {t.cpu_s:.2f} s, {t.cpu_s / t.wall_s:.2f} cores)")
   print(f"cpu-time ratio torch/jax {t.cpu_s / j.cpu_s:.3f}")
   return j, t
+
+
+def print_result(benchmark: str, args: argparse.Namespace, j: Timing, t: Timing, **extra) -> None:
+  """The `RESULT {json}` line (machine, arguments, medians; appended to --json when given), then `ratio R` last."""
+  from pairdistill_jax.bench import machine
+
+  record = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine.machine_info(),
+            "args": vars(args), "jax_s": j.wall_s, "torch_s": t.wall_s, "jax_cpu_s": j.cpu_s, "torch_cpu_s": t.cpu_s,
+            "ratio": t.wall_s / j.wall_s, **extra}
+  line = json.dumps(record, sort_keys=True)
+  print(f"RESULT {line}")
+  if args.json:
+    with open(args.json, "a", encoding="utf-8") as f:
+      f.write(line + "\n")
+  print(f"ratio {record['ratio']:.3f}")
 
 
 def padded_ids(rng: np.random.Generator, rows: int, length: int, vocab: int, min_len: int,

@@ -4,12 +4,13 @@ Every stage is the CLI a user runs (`python -m pairdistill_jax.main ...`), in th
 
   teacher   evaluate all-MiniLM-L6-v2 on the 300 test queries (5,183 abstracts); mine the top 32 of the 809
             train queries with it; score them with it as the pointwise teacher (cosine x 20) and its margins as
-            the pairwise preferences (configs/*.py:scifact, config_lib.scifact_overrides)
+            the pairwise preferences (configs/*.py:scifact, configs/scifact.py)
   students  for DPR and ColBERT cut to `--layers` of MiniLM: evaluate the cut before training (--init), then
             train, export to PyTorch and evaluate the export, three ways: PairDistill (KD + pairs, + in-batch
             for ColBERT), the control pair_alpha=0, and the control with the in-batch (contrastive) loss only
 
-Results go to WORKDIR/results.json (a rerun skips the stages it holds) and one table is printed; each
+SciFact is read from SCIFACT_DATA, by default ../shared/data/scifact beside the checkout. Results go to
+WORKDIR/results.json (a rerun skips the stages it holds) and one table is printed; each
 stage's output is in WORKDIR/logs/.
 
   .venv/bin/python experiments/scifact.py --workdir=workdir/scifact [--layers=2] [--steps=120]
@@ -29,7 +30,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pairdistill_jax import config_lib  # noqa: E402
+from configs import scifact as scifact_config  # noqa: E402
+from pairdistill_jax.errors import ConfigError  # noqa: E402
 
 RUNS = {  # name: overrides of the students' training
     "pairdistill": [],
@@ -90,8 +92,12 @@ def main() -> None:
   parser.add_argument("--kinds", default="dpr,colbert")
   a = parser.parse_args()
   workdir = pathlib.Path(a.workdir).resolve()
-  if not os.path.isdir(config_lib.SCIFACT_DIR):
-    sys.exit(f"SciFact is not at {config_lib.SCIFACT_DIR} (a checkout's ../shared/data/scifact)")
+  data = scifact_config.data_dir()
+  try:
+    scifact_config.check_data(data)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  os.environ["SCIFACT_DATA"] = data  # every stage's :scifact config reads this folder
   start = time.perf_counter()
   results = Results(workdir / "results.json", {"layers": a.layers, "steps": a.steps})
   teacher_dir = workdir / "teacher"
@@ -100,7 +106,7 @@ def main() -> None:
   teacher = ["--config=configs/dpr.py:scifact", f"--workdir={teacher_dir}", *common,
              f"--config.eval.corpus_dir={shared_corpus}", f"--config.mine.corpus_dir={shared_corpus}"]
   results.stage("teacher", lambda: {"metrics": metrics_of(run(
-      "teacher-evaluate", [*teacher, "--mode=evaluate", f"--model_dir={config_lib.minilm_dir()}"], workdir))})
+      "teacher-evaluate", [*teacher, "--mode=evaluate", f"--model_dir={scifact_config.minilm_dir()}"], workdir))})
   results.stage("mine", lambda: {"output": run("mine", [*teacher, "--mode=mine"], workdir)[-300:]})
   results.stage("score", lambda: {"output": run("score", [*teacher, "--mode=score"], workdir)[-300:]})
   lines = teacher_dir / "score" / "train.jsonl"

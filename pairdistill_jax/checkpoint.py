@@ -207,27 +207,13 @@ class TrainedModel:
   step: int
 
 
-# Model fields added after runs were saved, with the value those runs had.
-_LATER_MODEL_FIELDS = {"attention": "einsum", "normalize": False}
-
-
-def _add_later_model_fields(model_config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
-  """Fills the model fields an older run's config lacks (it was trained as their value says)."""
-  missing = {k: v for k, v in _LATER_MODEL_FIELDS.items() if k not in model_config}
-  if missing:
-    logging.info("%s predates model fields %s; using %s", path, sorted(missing), missing)
-    model_config.update(missing)
-
-
 def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> TrainedModel:
   """The student parameters of the workdir's latest (or given) checkpoint, on the host, with its config."""
-
   workdir = pathlib.Path(workdir)
   info = workdir / MODEL_DIR
   if not (info / "config.json").exists():
     raise FileNotFoundError(f"{workdir} holds no trained model ({info}/config.json missing): train first")
   config = ml_collections.ConfigDict(json.loads((info / "config.json").read_text()))
-  _add_later_model_fields(config.model, info / "config.json")
   bert_config = BertConfig(**json.loads((info / "bert_config.json").read_text()))
   checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
   model = students.make_student(config.model, bert_config)

@@ -1,4 +1,4 @@
-"""PairDistill losses (DESIGN §2.4): pointwise KL, pairwise KL, in-batch CE, ColBERT and DPR totals.
+"""PairDistill losses (docs/design.md §2.4): pointwise KL, pairwise KL, in-batch CE, ColBERT and DPR totals.
 
 Pure functions of fixed-shape arrays: float32 arithmetic, jit-able, masks instead of Python control flow.
 Batch keys: `teacher` [B,N] raw pointwise-teacher logits, `passage_mask` [B,N] (False on padded passage

@@ -29,6 +29,8 @@ accepted too (`--jax_platforms=cpu`, `--jax_default_matmul_precision=float32`, .
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -36,6 +38,8 @@ import pathlib
 import re
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import NoReturn
 
 # XLA:CPU's YNNPACK fusions slow BERT's matrix multiplies on x86 (corpus encoding 25.6 -> 38.4 passages/s without
 # them; the train step unchanged: README, Performance): off unless XLA_FLAGS chooses. CPU only; set before jax loads.
@@ -43,16 +47,195 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 if YNN_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_FLAG}=".strip()
 
-import jax  # noqa: E402
+import jax
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from pairdistill_jax import config_lib, distributed, paths, remote, students
 from pairdistill_jax import workdir as workdir_lib
+from pairdistill_jax.data import demo
 from pairdistill_jax.data.formats import FormatError
+from pairdistill_jax.errors import ConfigError, NonFiniteLossError
 
-MODES = ("train", "evaluate", "export", "mine", "score", "rounds", "benchmark")
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The flags besides --config, --workdir and --mode (each read by the modes named)."""
+
+  export_dir: str | None = None  # export
+  model_dir: str | None = None  # evaluate
+  pooling: str | None = None  # evaluate --model_dir
+  init: bool = False  # evaluate
+  eval_name: str = ""  # evaluate
+  mirror_dir: str | None = None  # a bucket --workdir's local mirror
+
+  def command(self, mode: str) -> str:
+    """How a one-line error names the command: '--mode=evaluate --init'."""
+    if mode == "evaluate" and (self.init or self.model_dir):
+      return f"--mode={mode} " + ("--init" if self.init else f"--model_dir={self.model_dir}")
+    return f"--mode={mode}"
+
+
+Handler = Callable[[ml_collections.ConfigDict, str, Args], int]
+
+# The errors in what the user gave (config, data, paths), each said in one line: (type, message), first match wins.
+USER_ERRORS: tuple[tuple[type[Exception], Callable[[Exception, str], str]], ...] = (
+    (ConfigError, lambda e, command: f"invalid config: {e}"),
+    (NonFiniteLossError, lambda e, command: f"{command}: {e}; lower optim.lr or raise optim.warmup_steps (the last "
+                                            f"checkpoint resumes)"),
+    (FormatError, lambda e, command: f"{command}: {e}"),  # bad data: file, line and reason
+    (OSError, lambda e, command: f"{command}: {e}"),  # missing files or directories, an unwritable or locked workdir
+)
+# Modes whose stages say data they cannot use (no judged query, a passage not in the collection) as ValueErrors.
+DATA_VALUE_ERRORS = ("evaluate", "mine", "score", "rounds")
+
+
+def fail(message: str) -> NoReturn:
+  """Exits with status 2 and a one-line error (no traceback, no flag dump)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def user_error_message(error: Exception, mode: str, args: Args) -> str | None:
+  """The one-line message of an error in what the user gave; None for any other error (a bug: its traceback)."""
+  for error_type, message in USER_ERRORS:
+    if isinstance(error, error_type):
+      return message(error, args.command(mode))
+  if isinstance(error, ValueError) and mode in DATA_VALUE_ERRORS:
+    return f"{args.command(mode)}: {error}"
+  return None
+
+
+def validate(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Checks the sections `mode` reads before anything is compiled or written; raises ConfigError."""
+  if mode in ("train", "rounds", "benchmark"):  # rounds without training lines of its own mines them first
+    need_data = mode == "train" or (mode == "rounds" and bool(config.data.train))
+    config_lib.validate(config, jax.device_count(), need_data=need_data)
+  if mode == "evaluate":
+    from pairdistill_jax.retrieval import eval_data  # noqa: PLC0415 (faiss only when used)
+
+    eval_data.check_eval_config(config.eval)
+  if mode in ("mine", "score"):
+    section = "mine" if mode == "mine" else "teacher"
+    for field in ("queries", "collection"):
+      if not (config[section][field] or config.data[field] or config.data.demo):
+        raise ConfigError(f"{section}.{field} and data.{field} are empty: set --config.data.{field}=PATH")
+  if mode == "score":
+    from pairdistill_jax.teachers import score  # noqa: PLC0415
+
+    score.check_teacher_config(config.teacher)
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str, args: Args) -> int:
+  """--mode=train: prints the run summary (also after a preemption: the checkpoint is saved, a rerun resumes)."""
+  from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
+
+  summary = loop.train(config, workdir)
+  if jax.process_index() == 0:
+    print(format_summary(summary))
+    print("SUMMARY " + json.dumps(summary))
+  return 0
+
+
+def run_teacher_stage(config: ml_collections.ConfigDict, workdir: str, args: Args, *, mode: str) -> int:
+  """--mode=mine or --mode=score over the training queries and collection (the demo's under :demo)."""
+  from pairdistill_jax.teachers import mining, rounds, score  # noqa: PLC0415
+
+  stage = config["mine" if mode == "mine" else "teacher"]
+  demo.ensure_demo_data(config, workdir)
+  data = paths.data_paths(config, workdir)
+  queries, collection = stage.queries or data.queries, stage.collection or data.collection
+  if mode == "mine":
+    result = mining.mine(config, workdir, queries_path=queries, collection_path=collection)
+  else:
+    result = score.score(config, workdir, queries_path=queries, collection_path=collection,
+                         student=rounds.student_factory(config, workdir))
+  if jax.process_index() == 0:
+    print(f"{mode}: {result.path}" + (" (up to date, skipped)" if result.skipped else ""))
+  return 0
+
+
+def run_rounds(config: ml_collections.ConfigDict, workdir: str, args: Args) -> int:
+  """--mode=rounds: prints each round's training summary."""
+  from pairdistill_jax.teachers import rounds  # noqa: PLC0415
+
+  summaries = rounds.run_rounds(config, workdir)
+  if jax.process_index() == 0:
+    for r, summary in enumerate(summaries, 1):
+      print(f"round {r}: " + format_summary(summary))
+    print("ROUNDS " + json.dumps(summaries))
+  return 0
+
+
+def _load_trained(workdir: str, hint: str = ""):
+  from pairdistill_jax import checkpoint  # noqa: PLC0415
+
+  try:
+    return checkpoint.load_trained(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}{hint}") from None
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: str, args: Args) -> int:
+  """--mode=export: the latest checkpoint as PyTorch serving directories (the config is the checkpoint's)."""
+  trained = _load_trained(workdir)
+  out = args.export_dir or os.path.join(workdir, "export")
+  if jax.process_index() == 0:
+    with tempfile.TemporaryDirectory(prefix="pairdistill-export-") as scratch, \
+        _local_workdir(out, scratch, push=True) as local:
+      students.get(trained.config.model.kind).export(pathlib.Path(local), trained.bert_config, trained.params,
+                                                     trained.tokenizer_dir, trained.config.model)
+      print(f"exported {trained.config.model.kind} (step {trained.step}) to {remote.in_bucket(out)}: "
+            f"{', '.join(sorted(os.listdir(local)))}")
+  return 0
+
+
+def run_benchmark(config: ml_collections.ConfigDict, workdir: str, args: Args) -> int:
+  """--mode=benchmark: the measurements of config.benchmark (pairdistill_jax.bench.modes)."""
+  from pairdistill_jax.bench import modes  # noqa: PLC0415
+  from pairdistill_jax.teachers import rounds  # noqa: PLC0415
+
+  modes.run(config, workdir, student=rounds.student_factory(config, workdir))
+  return 0
+
+
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str, args: Args) -> int:
+  """--mode=evaluate: the latest checkpoint (or --model_dir, or --init) on config.eval; prints the metrics
+  table."""
+  from pairdistill_jax.retrieval import evaluate  # noqa: PLC0415
+
+  demo.ensure_demo_data(config, workdir)  # the demo's evaluation files
+  out_dir = pathlib.Path(workdir) / paths.EVAL_DIR / args.eval_name
+  if not args.eval_name:
+    evaluate.keep_earlier_run(out_dir)
+  if args.init:
+    result = evaluate.evaluate_initial(config, workdir, out_dir=out_dir)
+  elif args.model_dir:
+    result = evaluate.evaluate_model_dir(remote.staged(args.model_dir), config.eval, workdir, pooling=args.pooling,
+                                         title_separator=config.data.title_separator, out_dir=out_dir,
+                                         dtype=config.model.dtype, attention=config.model.attention)
+  else:
+    trained = _load_trained(workdir, "; or evaluate a directory with --model_dir")
+    result = evaluate.evaluate_trained(trained, config.eval, workdir, title_separator=config.data.title_separator,
+                                       out_dir=out_dir)
+  if jax.process_index() == 0:
+    print(result.table())
+    print("METRICS " + json.dumps(result.metrics))
+  return 0
+
+
+HANDLERS: dict[str, Handler] = {
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "export": run_export,
+    "mine": functools.partial(run_teacher_stage, mode="mine"),
+    "score": functools.partial(run_teacher_stage, mode="score"),
+    "rounds": run_rounds,
+    "benchmark": run_benchmark,
+}
+MODES = tuple(HANDLERS)
 
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/colbert.py:demo.",
@@ -74,12 +257,6 @@ _MIRROR_DIR = flags.DEFINE_string("mirror_dir", None, "A bucket --workdir's loca
                                   "~/.cache/pairdistill_jax/mirrors/<bucket>/<path>).")
 _POOLING = flags.DEFINE_enum("pooling", None, ["cls", "mean"], "--mode=evaluate --model_dir: pooling of an HF "
                              "model (default: its sentence-transformers Pooling config).")
-
-
-def fail(message: str) -> None:
-  """Exits with status 2 and a one-line error (no traceback, no flag dump)."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -107,44 +284,54 @@ def unknown_field_message(error: str, argv: list[str]) -> str:
   return f"unknown config field {(named or fields or ['?'])[0]}"
 
 
+def parse_args() -> Args:
+  """The non-config flags; a one-line error for a bad one."""
+  args = Args(export_dir=_EXPORT_DIR.value, model_dir=_MODEL_DIR.value, pooling=_POOLING.value, init=_INIT.value,
+              eval_name=_EVAL_NAME.value, mirror_dir=_MIRROR_DIR.value)
+  if args.eval_name in (".", "..", "earlier", "corpus") or "/" in args.eval_name:
+    fail(f"--eval_name={args.eval_name!r}: give a plain name (not a path, 'earlier' or 'corpus')")
+  for name, value in (("workdir", _WORKDIR.value), ("export_dir", args.export_dir)):
+    if value and remote.is_url(value):
+      try:
+        remote.check_client(value)
+      except ValueError as e:
+        fail(f"--{name}: {e}")
+  return args
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
+  config, mode = _CONFIG.value, _MODE.value
   if config is None:
     fail("--config is required, e.g. --config=configs/colbert.py:demo")
-  mode = _MODE.value
   if not _WORKDIR.value:
     fail("--workdir is required")
-  for flag in (_WORKDIR, _EXPORT_DIR):
-    if flag.value and remote.is_url(flag.value):
-      try:
-        remote.check_client(flag.value)
-      except ValueError as e:
-        fail(f"--{flag.name}: {e}")
+  args = parse_args()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    return run_mode(config, mode)
-  except config_lib.ConfigError as e:
-    fail(f"invalid config: {e}")
-  except (FormatError, OSError) as e:  # bad data, missing files or directories, unreadable workdir
-    fail(f"--mode={mode}: {e}")
+    validate(config, mode)
+    return run_mode(config, mode, _WORKDIR.value, args)
+  except Exception as e:  # noqa: BLE001 (re-raised unless it is the user's: one line, no traceback)
+    message = user_error_message(e, mode, args)
+    if message is None:
+      raise
+    fail(message)
 
 
-def run_mode(config, mode: str) -> int:
+def run_mode(config: ml_collections.ConfigDict, mode: str, workdir: str, args: Args) -> int:
   """Runs `mode` holding the workdir's lock (export to another --export_dir only reads the workdir, so it may
-  run beside a training); errors in what the user gave (config, data, paths) propagate to `main`, which says
-  them in one line."""
-  if mode == "export" and _EXPORT_DIR.value:
-    if not remote.is_url(_EXPORT_DIR.value):
-      workdir_lib.check_writable(pathlib.Path(_EXPORT_DIR.value).absolute().parent, "--export_dir's parent")
+  run beside a training)."""
+  if mode == "export" and args.export_dir:
+    if not remote.is_url(args.export_dir):
+      workdir_lib.check_writable(pathlib.Path(args.export_dir).absolute().parent, "--export_dir's parent")
     with tempfile.TemporaryDirectory(prefix="pairdistill-read-") as scratch, \
-        _local_workdir(_WORKDIR.value, scratch, push=False, under=paths.MODEL_DIR) as workdir:
-      return run_export(workdir)
-  with workdir_lib.locked(_WORKDIR.value, mode), \
-      _local_workdir(_WORKDIR.value, _MIRROR_DIR.value, push=jax.process_index() == 0) as workdir:
+        _local_workdir(workdir, scratch, push=False, under=paths.MODEL_DIR) as local:
+      return run_export(config, local, args)
+  with workdir_lib.locked(workdir, mode), \
+      _local_workdir(workdir, args.mirror_dir, push=jax.process_index() == 0) as local:
     distributed.barrier("workdir ready")  # the processes of one host may share a mirror: all have pulled it
-    return _run_locked(config, mode, workdir)
+    return HANDLERS[mode](config, local, args)
 
 
 @contextlib.contextmanager
@@ -162,159 +349,16 @@ def _local_workdir(workdir: str, mirror_dir: str | None, push: bool, under: str 
     yield str(mirror.local)
 
 
-def _run_locked(config, mode: str, workdir: str) -> int:
-  if mode == "export":
-    return run_export(workdir)
-  if mode == "evaluate":
-    return run_evaluate(config, workdir)
-  if mode == "benchmark":
-    return run_benchmark(config, workdir)
-  if mode in ("mine", "score"):
-    return run_teacher_stage(config, workdir, mode)
-  try:  # --mode=rounds without training lines of its own mines them first
-    config_lib.validate(config, jax.device_count(), need_data=mode == "train" or bool(config.data.train))
-  except config_lib.ConfigError as e:
-    fail(f"invalid config: {e}")
-
-  if mode == "rounds":
-    return run_rounds(config, workdir)
-  from pairdistill_jax.train import loop  # noqa: PLC0415 (keeps --help and config errors fast)
-  try:
-    summary = loop.train(config, workdir)
-  except loop.NonFiniteLossError as e:
-    fail(f"--mode=train: {e}; lower optim.lr or raise optim.warmup_steps (the last checkpoint resumes)")
-  if jax.process_index() == 0:
-    print(format_summary(summary))
-    print("SUMMARY " + json.dumps(summary))
-  return 0  # also after a preemption: the checkpoint is saved and rerunning resumes
-
-
-def run_teacher_stage(config, workdir: str, mode: str) -> int:
-  """--mode=mine or --mode=score over the training queries and collection (the demo's under :demo)."""
-  from pairdistill_jax.teachers import mining, rounds, score  # noqa: PLC0415
-
-  section = "mine" if mode == "mine" else "teacher"
-  stage = config[section]
-  data = paths.data_paths(config, workdir)
-  queries, collection = stage.queries or data.queries, stage.collection or data.collection
-  try:
-    for field, path in (("queries", queries), ("collection", collection)):
-      if not path:
-        raise ValueError(f"{section}.{field} and data.{field} are empty: set --config.data.{field}=PATH")
-    if mode == "mine":
-      result = mining.mine(config, workdir, queries_path=queries, collection_path=collection)
-    else:
-      result = score.score(config, workdir, queries_path=queries, collection_path=collection,
-                           student=rounds.student_factory(config, workdir))
-  except (FileNotFoundError, ValueError) as e:  # FormatError is a ValueError
-    fail(f"--mode={mode}: {e}")
-  if jax.process_index() == 0:
-    print(f"{mode}: {result.path}" + (" (up to date, skipped)" if result.skipped else ""))
-  return 0
-
-
-def run_rounds(config, workdir: str) -> int:
-  """--mode=rounds: prints each round's training summary."""
-  from pairdistill_jax.teachers import rounds  # noqa: PLC0415
-  from pairdistill_jax.train.loop import NonFiniteLossError  # noqa: PLC0415
-
-  try:
-    summaries = rounds.run_rounds(config, workdir)
-  except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
-    fail(f"--mode=rounds: {e}")
-  if jax.process_index() == 0:
-    for r, summary in enumerate(summaries, 1):
-      print(f"round {r}: " + format_summary(summary))
-    print("ROUNDS " + json.dumps(summaries))
-  return 0
-
-
-def _load_trained(workdir: str, mode: str, hint: str = ""):
-  from pairdistill_jax import checkpoint  # noqa: PLC0415
-
-  try:
-    return checkpoint.load_trained(workdir)
-  except FileNotFoundError as e:
-    fail(f"--mode={mode}: {e}{hint}")
-
-
-def run_export(workdir: str) -> int:
-  """--mode=export: the latest checkpoint as PyTorch serving directories."""
-
-  trained = _load_trained(workdir, "export")
-  out = _EXPORT_DIR.value or os.path.join(workdir, "export")
-  if jax.process_index() == 0:
-    with tempfile.TemporaryDirectory(prefix="pairdistill-export-") as scratch, \
-        _local_workdir(out, scratch, push=True) as local:
-      students.get(trained.config.model.kind).export(pathlib.Path(local), trained.bert_config, trained.params,
-                                                     trained.tokenizer_dir, trained.config.model)
-      print(f"exported {trained.config.model.kind} (step {trained.step}) to {remote.in_bucket(out)}: "
-            f"{', '.join(sorted(os.listdir(local)))}")
-  return 0
-
-
-def run_benchmark(config, workdir: str) -> int:
-  """--mode=benchmark: the measurements of config.benchmark (pairdistill_jax.bench.runner)."""
-  from pairdistill_jax.bench import runner  # noqa: PLC0415
-  from pairdistill_jax.teachers import rounds  # noqa: PLC0415
-
-  try:
-    runner.run(config, workdir, student=rounds.student_factory(config, workdir))
-  except config_lib.ConfigError as e:
-    fail(f"invalid config: {e}")
-  return 0
-
-
-def run_evaluate(config, workdir: str) -> int:
-  """--mode=evaluate: the latest checkpoint (or --model_dir, or --init) on config.eval; prints the metrics
-  table. Data that cannot be evaluated (ValueError: no judged query or relevant document found) is one line."""
-  from pairdistill_jax.retrieval import eval_data, evaluate  # noqa: PLC0415
-
-  try:
-    eval_data.check_eval_config(config.eval)
-  except ValueError as e:
-    fail(f"invalid config: {e}")
-  if config.data.demo:
-    paths.data_paths(config, workdir)  # the demo's evaluation files, written on first use
-  if _EVAL_NAME.value in (".", "..", "earlier", "corpus") or "/" in _EVAL_NAME.value:
-    fail(f"--eval_name={_EVAL_NAME.value!r}: give a plain name (not a path, 'earlier' or 'corpus')")
-  out_dir = pathlib.Path(workdir) / paths.EVAL_DIR / _EVAL_NAME.value
-  if not _EVAL_NAME.value:
-    evaluate.keep_earlier_run(out_dir)
-  if _INIT.value:
-    what = "--mode=evaluate --init"
-  elif _MODEL_DIR.value:
-    what = f"--mode=evaluate --model_dir={_MODEL_DIR.value}"
-  else:
-    what = "--mode=evaluate"
-    trained = _load_trained(workdir, "evaluate", "; or evaluate a directory with --model_dir")
-  try:
-    if _INIT.value:
-      result = evaluate.evaluate_initial(config, workdir, out_dir=out_dir)
-    elif _MODEL_DIR.value:
-      result = evaluate.evaluate_model_dir(remote.staged(_MODEL_DIR.value), config.eval, workdir,
-                                           pooling=_POOLING.value, title_separator=config.data.title_separator,
-                                           out_dir=out_dir, dtype=config.model.dtype,
-                                           attention=config.model.attention)
-    else:
-      result = evaluate.evaluate_trained(trained, config.eval, workdir,
-                                         title_separator=config.data.title_separator, out_dir=out_dir)
-  except (FileNotFoundError, ValueError) as e:  # ConfigError and FormatError are ValueErrors
-    fail(f"{what}: {e}")
-  if jax.process_index() == 0:
-    print(result.table())
-    print("METRICS " + json.dumps(result.metrics))
-  return 0
-
-
 def format_summary(summary: dict) -> str:
   """'loss 3.2100 -> 1.0500' lines for each tracked metric."""
+  from pairdistill_jax.train.loop import SUMMARY_KEYS  # noqa: PLC0415 (keeps --help and config errors fast)
+
   steps, started_at = summary.get("steps", 0), summary.get("started_at", 0)
   lines = [f"trained up to step {steps}" + (" (finished earlier: nothing left to train)" if steps == started_at
                                             else f" (resumed at step {started_at})" if started_at else "")]
   if summary.get("preempted_at") is not None:
     lines.append(f"  preempted: checkpoint saved at step {summary['preempted_at']}; rerun to resume")
-  for key in ("loss", "loss_kd", "loss_pair", "loss_ib", "pair_agreement", "top1_agreement"):
+  for key in SUMMARY_KEYS:
     if f"first_{key}" in summary:
       lines.append(f"  {key:15s} {summary[f'first_{key}']:.4f} -> {summary[f'last_{key}']:.4f}")
   return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Where things are: the workdir's layout, config paths that name `{workdir}`, the training files and tokenizer
-of a config (the demo's written on first use), and the weights a run starts from.
+of a config, and the weights a run starts from. Looking up writes nothing (the demo's data: demo.ensure_demo_data).
 
 WORKDIR/
   .lock            the running command's lock (workdir.py)
@@ -17,11 +17,9 @@ import dataclasses
 import os
 import pathlib
 
-import jax
 import ml_collections
 
-from pairdistill_jax import distributed, remote
-from pairdistill_jax.data import demo
+from pairdistill_jax import remote
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
@@ -77,14 +75,10 @@ class DataPaths:
 
 
 def data_paths(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> DataPaths:
-  """The training files and tokenizer of `config` (those given as URLs staged to local copies); the demo's are
-  generated into WORKDIR/demo_data (once, by process 0; by every process when the workdir is a bucket's
-  mirror, which only its own host sees)."""
+  """The training files and tokenizer of `config` (those given as URLs staged to local copies); a :demo config's
+  are in WORKDIR/demo_data, written by demo.ensure_demo_data."""
   if config.data.demo:
     root = pathlib.Path(workdir) / DEMO_DATA_DIR
-    if jax.process_index() == 0 or remote.find(workdir) is not None:
-      demo.ensure(root, nway=config.data.nway, n_pairs=config.data.max_pairs)
-    distributed.barrier("demo data written")
     return DataPaths(str(root / "train.jsonl"), str(root / "collection.tsv"), str(root / "queries.train.tsv"),
                      remote.staged(config.init.tokenizer) or str(root / "tokenizer"))
   return DataPaths(*(remote.staged(path) for path in (config.data.train, config.data.collection,

@@ -26,9 +26,12 @@ import pathlib
 import shutil
 import threading
 from collections.abc import Iterator
+from typing import IO
 
 import tqdm
 from etils import epath
+
+from pairdistill_jax import io
 
 MANIFEST = ".mirror.json"
 LOCK_FILE = ".lock"  # workdir.py's lock, kept in the bucket
@@ -71,13 +74,19 @@ def _synced(relative: pathlib.PurePosixPath, bucket_only: tuple[str, ...] = ()) 
               or any(part.endswith(".tmp") for part in parts))
 
 
-def _copy(source, target, bar: tqdm.tqdm | None = None) -> None:
-  """Copies one file between any two paths (local or bucket), streaming."""
-  with source.open("rb") as f, target.open("wb") as g:
+def _copy_into(source, g: IO[bytes], bar: tqdm.tqdm | None = None) -> None:
+  """Streams the file `source` (a local or bucket path) into the binary stream `g`."""
+  with source.open("rb") as f:
     while chunk := f.read(8 << 20):
       g.write(chunk)
       if bar is not None:
         bar.update(len(chunk))
+
+
+def _copy(source, target, bar: tqdm.tqdm | None = None) -> None:
+  """Copies one file between any two paths (local or bucket), streaming."""
+  with target.open("wb") as g:
+    _copy_into(source, g, bar)
 
 
 def _version(path: epath.Path) -> list:
@@ -135,9 +144,8 @@ class Mirror:
     _OPEN[self.local] = self
 
   def _save_state(self) -> None:
-    tmp = self.local / f"{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"url": self.url, "bucket_only": self.bucket_only, "files": self._state}))
-    os.replace(tmp, self.local / MANIFEST)
+    io.write_json(self.local / MANIFEST, {"url": self.url, "bucket_only": self.bucket_only, "files": self._state},
+                  indent=None)
 
   def pull(self, under: str = "") -> None:
     """Makes the mirror hold the bucket's files (those in its subdirectory `under`, if given): downloads those
@@ -159,9 +167,8 @@ class Mirror:
         for name in sorted(stale):
           target = self.local / name
           target.parent.mkdir(parents=True, exist_ok=True)
-          tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-          _copy(self.remote / name, tmp, bar)
-          os.replace(tmp, target)
+          with io.atomic_write(target, "wb") as f:
+            _copy_into(self.remote / name, f, bar)
           stat = target.stat()
           self._state[name] = {"local": [stat.st_size, stat.st_mtime_ns], "bucket": remote[name]}
       self._save_state()

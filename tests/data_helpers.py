@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from pairdistill_jax.data import batching, formats
-from pairdistill_jax.data.formats import PathLike, TrainingExample, atomic_write
+from pairdistill_jax.data.formats import PathLike, TrainingExample
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer
+from pairdistill_jax.io import atomic_write
 from pairdistill_jax.retrieval import corpus
 
 
@@ -42,9 +43,9 @@ def write_beir_queries(path: PathLike, queries: Mapping[str, str]) -> None:
       f.write(json.dumps({"_id": qid, "text": text}) + "\n")
 
 
-def token_store(vectors_TxD: np.ndarray, lengths_N: np.ndarray) -> corpus.TokenStore:
+def token_store(vectors_TxD: np.ndarray, lengths_N: np.ndarray) -> corpus.EmbeddingStore:
   """A multi-vector store of one chunk holding every document."""
-  return corpus.TokenStore([vectors_TxD], lengths_N, chunk_size=max(len(lengths_N), 1))
+  return corpus.EmbeddingStore([vectors_TxD], lengths_N, chunk_size=max(len(lengths_N), 1))
 
 
 def write_training_data(root: pathlib.Path, collection: Mapping[str, str], queries: Mapping[str, str],

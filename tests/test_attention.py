@@ -15,8 +15,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pairdistill_jax import config_lib
-from pairdistill_jax.models import bert
+from configs import common
+from pairdistill_jax.models import attention, bert
 
 TINY = bert.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -53,21 +53,21 @@ def lengths_mask(lengths, length):
     ("cpu", F32, 32, 180, True, "einsum"),
 ])
 def test_auto_picks_per_platform(platform, dtype, head_dim, length, dropout, want):
-  kernel, reason = bert.select_attention("auto", dtype, head_dim, length, dropout, platform=platform)
+  kernel, reason = attention.select_attention("auto", dtype, head_dim, length, dropout, platform=platform)
   assert kernel == want and reason
   if dropout:
     assert "dropout" in reason
 
 
 def test_explicit_kernels_are_kept_and_fused_ones_refuse_dropout():
-  for name in bert.ATTENTION_KERNELS[1:]:
-    assert bert.select_attention(name, F32, 32, 180, False, platform="cpu")[0] == name
-  assert bert.select_attention("einsum", F32, 32, 180, True, platform="tpu")[0] == "einsum"
-  for name in bert.FUSED_ATTENTION:
+  for name in attention.ATTENTION_KERNELS[1:]:
+    assert attention.select_attention(name, F32, 32, 180, False, platform="cpu")[0] == name
+  assert attention.select_attention("einsum", F32, 32, 180, True, platform="tpu")[0] == "einsum"
+  for name in attention.FUSED_ATTENTION:
     with pytest.raises(ValueError, match="attention_probs_dropout_prob=0"):
-      bert.select_attention(name, BF16, 32, 180, True, platform="cuda")
+      attention.select_attention(name, BF16, 32, 180, True, platform="cuda")
   with pytest.raises(ValueError, match="attention must be one of"):
-    bert.select_attention("flash", F32, 32, 180, False)
+    attention.select_attention("flash", F32, 32, 180, False)
 
 
 @pytest.mark.parametrize("backend, version, capability, want", [
@@ -82,16 +82,16 @@ def test_platform_names_nvidia_gpus_from_ampere_on(monkeypatch, backend, version
       platform_version=version))
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   monkeypatch.setattr(jax, "devices", lambda *args: [device])
-  assert bert._platform() == want
+  assert attention._platform() == want
 
 
 def einsum_attention(q, k, v, mask):
-  return bert._einsum_attention(q, k, v, bert.attention_mask_bias(mask), lambda probs: probs)
+  return attention._einsum_attention(q, k, v, attention.attention_mask_bias(mask), lambda probs: probs)
 
 
 def pallas_attention(q, k, v, mask):
-  q, keys = bert._fused_inputs(q, bert.attention_mask_bias(mask))
-  return bert._pallas_attention(q, k, v, keys)
+  q, keys = attention._fused_inputs(q, attention.attention_mask_bias(mask))
+  return attention._pallas_attention(q, k, v, keys)
 
 
 @pytest.mark.parametrize("length, head_dim", [(40, 32), (130, 64)])  # one tile; two tiles of keys
@@ -104,9 +104,9 @@ def test_pallas_kernel_matches_the_einsums(interpret, length, head_dim):
   # logits, while its output (the mean of v on both paths) does not depend on q and k.
   cotangent = cotangent * (np.asarray(lengths) > 0)[:, None, None, None]
 
-  def loss_and_grads(attention):
-    loss = lambda *qkv: jnp.sum(attention(*qkv, mask) * cotangent)
-    return attention(q, k, v, mask), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  def loss_and_grads(kernel):
+    loss = lambda *qkv: jnp.sum(kernel(*qkv, mask) * cotangent)
+    return kernel(q, k, v, mask), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   want, want_grads = loss_and_grads(einsum_attention)
   got, grads = loss_and_grads(jax.jit(pallas_attention))
@@ -153,7 +153,7 @@ def test_pallas_runs_per_shard_of_batch_and_heads(monkeypatch):
   """On a mesh the kernel runs under shard_map (XLA cannot split it), per shard of the batch and the heads. The
   kernel is a jnp stand-in here: Pallas's interpret mode deadlocks at times under shard_map on CPU devices (the
   kernel's own numerics are checked above, unsharded)."""
-  monkeypatch.setattr(bert, "_pallas_flash", kernel_stand_in)
+  monkeypatch.setattr(attention, "_pallas_flash", kernel_stand_in)
   params, ids, mask = encoder_inputs()
   want = bert.BertEncoder(TINY, attention="einsum").apply({"params": params}, ids, mask)[0]
   mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
@@ -161,13 +161,13 @@ def test_pallas_runs_per_shard_of_batch_and_heads(monkeypatch):
 
   @jax.jit
   def encode(params, ids, mask):
-    with nn.logical_axis_rules(config_lib.SHARDING_RULES):
+    with nn.logical_axis_rules(common.sharding_rules()):
       return bert.BertEncoder(TINY, attention="pallas").apply({"params": params}, ids, mask)[0]
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config_lib.SHARDING_RULES):
-    assert bert._shard_spec(("batch", "heads", None, None), (8, 4, 128, 16)) == P(("data", "fsdp"), "tensor",
-                                                                                  None, None)
-    assert bert._shard_spec(("batch", "heads"), (7, 3)) == P(None, None)  # not divisible: whole
+  with jax.set_mesh(mesh), nn.logical_axis_rules(common.sharding_rules()):
+    assert attention._shard_spec(("batch", "heads", None, None), (8, 4, 128, 16)) == P(
+        ("data", "fsdp"), "tensor", None, None)
+    assert attention._shard_spec(("batch", "heads"), (7, 3)) == P(None, None)  # not divisible: whole
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     got = encode(params, jax.device_put(ids, rows), jax.device_put(mask, rows))
     assert "manual" in encode.lower(params, ids, mask).as_text()
@@ -177,8 +177,8 @@ def test_pallas_runs_per_shard_of_batch_and_heads(monkeypatch):
 def test_auto_runs_its_choice_and_logs_it_once(monkeypatch, caplog, interpret):
   params, ids, mask = encoder_inputs()
   want = bert.BertEncoder(TINY, attention="einsum").apply({"params": params}, ids, mask)[0]
-  monkeypatch.setattr(bert, "_platform", lambda: "tpu")
-  bert._log_selection.cache_clear()
+  monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+  attention._log_selection.cache_clear()
   caplog.set_level(logging.INFO)
   got = bert.BertEncoder(TINY).apply({"params": params}, ids, mask)[0]  # two layers, one message
   assert np.abs(np.asarray(got - want)).max() <= 1e-5
@@ -189,8 +189,8 @@ def test_auto_runs_its_choice_and_logs_it_once(monkeypatch, caplog, interpret):
 def test_auto_trains_with_attention_dropout_on_the_einsums(monkeypatch, caplog):
   """Not in interpret mode: a Pallas TPU kernel could not run here, so this runs the einsums."""
   params, ids, mask = encoder_inputs()
-  monkeypatch.setattr(bert, "_platform", lambda: "tpu")
-  bert._log_selection.cache_clear()
+  monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+  attention._log_selection.cache_clear()
   caplog.set_level(logging.INFO)
   config = bert.BertConfig(**{**TINY.__dict__, "attention_probs_dropout_prob": 0.5})
   apply = lambda attention: bert.BertEncoder(config, attention=attention).apply(

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from configs import colbert
-from pairdistill_jax import config_lib
+from pairdistill_jax import config_lib, io
 from pairdistill_jax.data import demo, formats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_mine_score_and_train_from_a_beir_folder(beir_dir, minilm_dir, tmp_path)
   _run_main(*common, "--mode=mine", workdir=tmp_path)
   run = formats.read_run(tmp_path / "mine" / "run.trec")
   assert sorted(run) == sorted(train_qids) and all(len(docs) == 20 for docs in run.values())
-  sidecar = json.loads(formats.sidecar(tmp_path / "mine" / "run.trec").read_text())
+  sidecar = json.loads(io.sidecar(tmp_path / "mine" / "run.trec").read_text())
   assert sidecar["queries_read"] == {"format": "beir", "split": "train"}
   assert sidecar["collection_read"] == {"format": "beir", "title_separator": " | "}
 

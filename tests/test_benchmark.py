@@ -19,7 +19,7 @@ import transformers
 from configs import colbert as colbert_config
 from configs import dpr as dpr_config
 from pairdistill_jax import config_lib, sharding
-from pairdistill_jax.bench import flops, hlo, measure, runner
+from pairdistill_jax.bench import flops, hlo, measure, modes
 from pairdistill_jax.convert import hf_to_flax
 from pairdistill_jax.models import scoring
 from pairdistill_jax.models.bert import BertConfig, BertEncoder
@@ -42,7 +42,7 @@ def tiny_config(kind="colbert", hidden=32, batch=32, **mesh):
 def compile_step(config, devices):
   """(compiled train step, abstract state, state shardings) of `config` on `devices`; nothing is allocated."""
   mesh = sharding.make_mesh(config, devices)
-  model = make_student(config.model, runner.bert_config(config))
+  model = make_student(config.model, modes.bert_config(config))
   tx = state_lib.optimizer(config)
   rules = sharding.rules(config)
   boxed = jax.eval_shape(functools.partial(state_lib.init_boxed, model, tx, config), jax.random.PRNGKey(0))
@@ -50,7 +50,7 @@ def compile_step(config, devices):
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                        shardings)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, rules))
-           for k, v in runner.synthetic_batch(config, config.train.batch_size).items()}
+           for k, v in modes.synthetic_batch(config, config.train.batch_size).items()}
   with jax.set_mesh(mesh):
     step = make_train_step(model, tx, config, mesh, shardings)
     return step.lower(state, batch, jax.random.PRNGKey(1)).compile(), state, shardings
@@ -193,7 +193,7 @@ def test_dot_product_attention_refuses_attention_dropout(torch_small):
   with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
     model.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(0)})
   with pytest.raises(config_lib.ConfigError, match="attention_probs_dropout_prob=0"):
-    config_lib.validate(runner.with_overrides(colbert_config.get_config("demo"), {
+    config_lib.validate(modes.with_overrides(colbert_config.get_config("demo"), {
         "model.attention": "dot_product_attention", "model.bert.attention_probs_dropout_prob": "0.1"}), 1)
   with pytest.raises(ValueError, match="remat must be"):
     BertEncoder(SMALL, remat="dots").apply({"params": params}, ids, mask)
@@ -212,9 +212,9 @@ HLO = """
 
 def test_collectives_parsed_and_classed_by_hand():
   found = hlo.collectives(HLO)
-  assert [c.kind for c in found] == ["all-reduce", "all-gather", "all-to-all"]
+  assert [c.op for c in found] == ["all-reduce", "all-gather", "all-to-all"]
   summary = hlo.summarize(found, params={(32, 64)})
-  assert summary["by_kind"] == {"all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 4},
+  assert summary["by_op"] == {"all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 4},
                                 "all-gather": {"count": 1, "bytes": 64 * 32 * 2},
                                 "all-to-all": {"count": 1, "bytes": 32 * 12 * 4}}
   assert summary["by_content"] == {"params": 64 * 32 * 6, "scalars": 4, "activations": 32 * 12 * 4}
@@ -226,7 +226,7 @@ def test_fsdp_step_gathers_parameters_and_never_the_batch():
   compiled, state, shardings = compile_step(config, jax.devices())
   summary = hlo.summarize(hlo.collectives(compiled.as_text()), hlo.param_shapes(state.params, shardings.params))
   assert summary["activation_gathers"] == 0
-  gathered = {c.operands[0].dims for c in hlo.collectives(compiled.as_text()) if c.kind == "all-gather"}
+  gathered = {c.operands[0].dims for c in hlo.collectives(compiled.as_text()) if c.op == "all-gather"}
   for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(shardings.params)):
     name = jax.tree_util.keystr(path)
     if "fsdp" in jax.tree.leaves(tuple(s.spec)) and "pooler" not in name:  # the students skip the pooler
@@ -274,8 +274,8 @@ def test_benchmark_mode_prints_one_json_line_per_measurement(tmp_path):
   assert train["compiled_temp_bytes"] > 0 and train["compile_s"] > 0
   # Data parallel with in-batch groups inside a device: gradients are all-reduced, nothing is gathered.
   assert train["collectives"]["activation_gathers"] == 0
-  assert "all-gather" not in train["collectives"]["by_kind"]
-  assert train["collectives"]["by_kind"]["all-reduce"]["count"] > 0
+  assert "all-gather" not in train["collectives"]["by_op"]
+  assert train["collectives"]["by_op"]["all-reduce"]["count"] > 0
   assert train["collectives"]["by_content"]["params"] > 0
   assert encode["encode_batch"] == 24  # rounded up to the 8 devices
   assert encode["passages_per_s"] == pytest.approx(24 / encode["step_s_median"])
@@ -297,10 +297,10 @@ def test_benchmark_mode_rejects_bad_settings_before_compiling(tmp_path, override
 
 
 def test_variants_and_overrides():
-  assert runner.parse_variants(" model.remat=full ; loss.maxsim_chunk=8,model.dtype=bfloat16;") == [
+  assert modes.parse_variants(" model.remat=full ; loss.maxsim_chunk=8,model.dtype=bfloat16;") == [
       ("model.remat=full", {"model.remat": "full"}),
       ("loss.maxsim_chunk=8,model.dtype=bfloat16", {"loss.maxsim_chunk": "8", "model.dtype": "bfloat16"})]
-  config = runner.with_overrides(tiny_config(), {"loss.maxsim_chunk": "8", "loss.in_batch": "false",
+  config = modes.with_overrides(tiny_config(), {"loss.maxsim_chunk": "8", "loss.in_batch": "false",
                                                  "optim.lr": "2e-5"})
   assert (config.loss.maxsim_chunk, config.loss.in_batch, config.optim.lr) == (8, False, 2e-5)
   assert tiny_config().loss.maxsim_chunk == 0

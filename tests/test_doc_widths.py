@@ -23,6 +23,7 @@ from pairdistill_jax.errors import ConfigError
 from pairdistill_jax.models import scoring
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.students import make_student
+from pairdistill_jax.train import forward
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train import step as step_lib
 
@@ -124,7 +125,7 @@ def test_a_batch_whose_longest_passage_is_70_tokens_gets_width_128_and_the_same_
   model = make_student(config.model, BertConfig(**config.model.bert))
   params = state_lib.init_params(model, config, jax.random.PRNGKey(0))
   loss_and_grads = jax.jit(jax.value_and_grad(
-      lambda p, b: step_lib.compute_loss(model, config, p, b, None), has_aux=True))
+      lambda p, b: forward.compute_loss(model, config, p, b, None), has_aux=True))
   (loss_full, metrics_full), grads_full = loss_and_grads(params, full)
   (loss_cut, metrics_cut), grads_cut = loss_and_grads(params, cut)
   assert abs(float(loss_full) - float(loss_cut)) <= 1e-6, (float(loss_full), float(loss_cut))
@@ -135,7 +136,7 @@ def test_a_batch_whose_longest_passage_is_70_tokens_gets_width_128_and_the_same_
 
   # The scores themselves: every query against every passage of the batch.
   def scores(batch):
-    q, d = step_lib.student_vectors(model, config, params, batch, None)
+    q, d = forward.student_vectors(model, config, params, batch, None)
     if kind == "dpr":
       return scoring.dot(q, d)
     return scoring.maxsim(q, d, batch["d_score_mask"].reshape(d.shape[:2]))

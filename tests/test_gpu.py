@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pairdistill_jax.models import bert
+from pairdistill_jax.models import attention, bert
 from pairdistill_jax.retrieval import corpus, faiss_index, search
 
 from test_train_step import random_batch, run_steps, tiny_config
@@ -31,9 +31,9 @@ def lengths_mask(lengths, length):
 
 
 def test_auto_picks_cudnn_here():
-  assert bert._platform() == "cuda"
-  assert bert.select_attention("auto", jnp.bfloat16, 32, 180, False)[0] == "cudnn"
-  assert bert.select_attention("auto", jnp.float32, 32, 180, False)[0] == "einsum"
+  assert attention._platform() == "cuda"
+  assert attention.select_attention("auto", jnp.bfloat16, 32, 180, False)[0] == "cudnn"
+  assert attention.select_attention("auto", jnp.float32, 32, 180, False)[0] == "einsum"
 
 
 @pytest.mark.parametrize("length", [32, 180])
@@ -42,19 +42,19 @@ def test_cudnn_attention_matches_the_einsums(length):
   q, k, v, cotangent = (jax.random.normal(key, (len(lengths), length, 12, 32))
                         for key in jax.random.split(jax.random.key(0), 4))
   cotangent = cotangent * (np.asarray(lengths) > 0)[:, None, None, None]  # see tests/test_attention.py
-  bias = bert.attention_mask_bias(lengths_mask(lengths, length))
+  bias = attention.attention_mask_bias(lengths_mask(lengths, length))
 
   def cudnn(q, k, v):
-    q, keys = bert._fused_inputs(q, bias)
-    return bert._cudnn_attention(q, k, v, keys)
+    q, keys = attention._fused_inputs(q, bias)
+    return attention._cudnn_attention(q, k, v, keys)
 
   def einsum(q, k, v):
-    return bert._einsum_attention(q, k, v, bias, lambda probs: probs)
+    return attention._einsum_attention(q, k, v, bias, lambda probs: probs)
 
-  def value_and_grads(attention, dtype):
+  def value_and_grads(kernel, dtype):
     qkv = [x.astype(dtype) for x in (q, k, v)]
-    loss = lambda *qkv: jnp.sum(attention(*qkv).astype(jnp.float32) * cotangent)
-    return jax.jit(lambda *qkv: (attention(*qkv), jax.grad(loss, argnums=(0, 1, 2))(*qkv)))(*qkv)
+    loss = lambda *qkv: jnp.sum(kernel(*qkv).astype(jnp.float32) * cotangent)
+    return jax.jit(lambda *qkv: (kernel(*qkv), jax.grad(loss, argnums=(0, 1, 2))(*qkv)))(*qkv)
 
   assert "__cudnn$fmha" in jax.jit(cudnn).lower(*(x.astype(jnp.bfloat16) for x in (q, k, v))).as_text()
   with jax.default_matmul_precision("float32"):

@@ -15,7 +15,7 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 # ----------------------------------------------------------------------------------------------------
-# float64 references, written from DESIGN §2.4 with explicit loops.
+# float64 references, written from docs/design.md §2.4 with explicit loops.
 
 
 def _lse(x) -> float:

@@ -147,3 +147,25 @@ def test_the_cli_turns_xla_cpu_ynn_fusions_off_unless_told(given, expected):
                           env=dict(os.environ, XLA_FLAGS=given, JAX_PLATFORMS="cpu"), timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == expected
+
+
+def test_configs_load_from_any_working_directory(tmp_path):
+  """config_flags loads a recipe by its path: `from configs import common` works outside the checkout too."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | dict(XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "pairdistill_jax.main", f"--config={ROOT / 'configs' / 'dpr.py'}:demo",
+                           f"--workdir={tmp_path / 'run'}", "--mode=export"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --mode=export: "), result.stderr[-3000:]
+
+
+def test_a_missing_scifact_folder_is_one_line_saying_what_to_download(tmp_path):
+  missing = tmp_path / "scifact"
+  result = subprocess.run([sys.executable, str(ROOT / "experiments" / "scifact.py"), f"--workdir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=dict(os.environ, SCIFACT_DATA=str(missing)), capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f"error: BEIR SciFact is not at {missing}: download https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/"
+      f"datasets/scifact.zip and unzip it there, or set SCIFACT_DATA=DIR"]
+  assert not (tmp_path / "run").exists()

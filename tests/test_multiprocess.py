@@ -117,9 +117,9 @@ def test_two_processes_score_the_same_lines_as_one(tmp_path, minilm_dir):
   args = ["--config=configs/colbert.py:demo", "--mode=score", f"--config.teacher.run={tmp_path / 'run.trec'}",
           f"--config.teacher.queries={tmp_path / 'queries.tsv'}",
           f"--config.teacher.collection={tmp_path / 'collection.tsv'}", "--config.teacher.top_n=10",
-          "--config.teacher.chunk_queries=3", "--config.teacher.pointwise.kind=cross_encoder",
+          "--config.teacher.chunk_queries=3", "--config.teacher.pointwise.scorer=cross_encoder",
           f"--config.teacher.pointwise.model={tmp_path / 'mono'}", "--config.teacher.pointwise.dtype=float32",
-          "--config.teacher.pairwise.kind=duobert", f"--config.teacher.pairwise.model={tmp_path / 'duo'}",
+          "--config.teacher.pairwise.scorer=duobert", f"--config.teacher.pairwise.model={tmp_path / 'duo'}",
           "--config.teacher.pairwise.dtype=float32", "--config.teacher.pairwise.max_length=128"]
   one, two = tmp_path / "one", tmp_path / "two"
   run([sys.executable, "-m", "pairdistill_jax.main", f"--workdir={one}", *args], env_devices=1, workdir=one)

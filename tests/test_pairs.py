@@ -1,4 +1,4 @@
-"""Pair selection (DESIGN §2.6) on crafted lists: the rules checked against hand enumerations."""
+"""Pair selection (docs/design.md §2.6) on crafted lists: the rules checked against hand enumerations."""
 
 import itertools
 

@@ -1,7 +1,6 @@
 """The training pipeline: the batch layout, store batches equal on-the-fly ones, process shards, order,
 resume, the original's same-order option, and the training loop's use of it."""
 
-import importlib.util
 import json
 import logging
 import pathlib
@@ -9,7 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from pairdistill_jax.data import batching, pipeline, store
+from pairdistill_jax import config_lib
+from pairdistill_jax.data import batching, demo, pipeline, store, training_set
 from pairdistill_jax.data.formats import FormatError, TrainingExample
 from pairdistill_jax.data.tokenization import DPRTokenizer
 
@@ -45,10 +45,7 @@ def data(tmp_path_factory, minilm_dir):
 
 
 def _config(**data):
-  spec = importlib.util.spec_from_file_location("colbert_config", ROOT / "configs" / "colbert.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("demo")
+  config = config_lib.load_config(f"{ROOT / 'configs' / 'colbert.py'}:demo")
   config.data.update(dict(dict(nway=NWAY, max_pairs=MAX_PAIRS, num_workers=0, prefetch=0), **data))
   config.train.update(batch_size=BATCH, seed=0)
   return config
@@ -171,9 +168,9 @@ def test_training_lines_with_missing_ids(tmp_path, data):
   train.write_text('["q0", ["1", 1.0], ["2", 0.5]]\n["q1", ["3", 1.0], ["999", 0.5]]\n'
                    '["nope", ["1", 1.0]]\n["q2", ["4", 2.0, [[1, -0.5]]], ["5", 1.0]]\n')
   with pytest.raises(FormatError, match=r"train.jsonl:2: pid '999' is not in the collection"):
-    pipeline.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1, progress=False)
+    training_set.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1, progress=False)
   skipped = []
-  compiled = pipeline.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1,
+  compiled = training_set.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1,
                                            skip_bad_lines=True, on_skip=skipped.append, progress=False)
   assert [(e.line, e.reason) for e in skipped] == [(2, "pid '999' is not in the collection"),
                                                   (3, "qid 'nope' is not in the queries")]
@@ -192,9 +189,9 @@ def test_lines_with_more_pairs_than_max_pairs_are_refused_with_their_line(tmp_pa
   for skip in (False, True):  # not a bad line to skip: the config is too small for the data
     with pytest.raises(FormatError, match=r"train.jsonl:2: 3 pairs among its first 3 passages, more than "
                                           r"data.max_pairs=2: set --config.data.max_pairs=3"):
-      pipeline.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=2, skip_bad_lines=skip,
+      training_set.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=2, skip_bad_lines=skip,
                                     progress=False)
-  compiled = pipeline.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=3, progress=False)
+  compiled = training_set.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=3, progress=False)
   np.testing.assert_array_equal(compiled.targets["pair_mask"], [[1, 0, 0], [1, 1, 1]])
 
 
@@ -204,9 +201,9 @@ def test_training_line_without_teacher_scores_names_its_line(tmp_path, data):
   train = tmp_path / "train.jsonl"
   train.write_text('["q0", ["1", 1.0], ["2", 0.5]]\n["q1", "1", "2"]\n["q2", ["4", 2.0], ["5", 1.0]]\n')
   with pytest.raises(FormatError, match=r"train.jsonl:2: no teacher scores"):
-    pipeline.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1, progress=False)
+    training_set.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1, progress=False)
   skipped = []
-  compiled = pipeline.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1,
+  compiled = training_set.compile_training_set(train, docs, queries, tmp_path, nway=2, max_pairs=1,
                                            skip_bad_lines=True, on_skip=skipped.append, progress=False)
   assert [e.line for e in skipped] == [2]
   np.testing.assert_array_equal(compiled.query_row, queries.rows(["q0", "q2"]))
@@ -221,12 +218,12 @@ def test_nway_beyond_every_line_warns_with_the_counts(tmp_path, data, caplog):
               "padding (--config.data.nway=3 would hold every passage)")
   for _ in range(2):  # compiled, then reused
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
-      pipeline.compile_training_set(train, docs, queries, tmp_path, nway=6, max_pairs=1, progress=False)
+    with caplog.at_level(logging.WARNING, logger=training_set.__name__):
+      training_set.compile_training_set(train, docs, queries, tmp_path, nway=6, max_pairs=1, progress=False)
     assert [r.getMessage() for r in caplog.records].count(expected) == 1, caplog.text
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
-    pipeline.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=1, progress=False)
+  with caplog.at_level(logging.WARNING, logger=training_set.__name__):
+    training_set.compile_training_set(train, docs, queries, tmp_path, nway=3, max_pairs=1, progress=False)
   assert "padding" not in caplog.text
 
 
@@ -236,7 +233,7 @@ def test_compiled_training_set_is_reused(data, monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError("the training lines were compiled again")
 
-  monkeypatch.setattr(pipeline, "_compile", no_compile)
+  monkeypatch.setattr(training_set, "_compile", no_compile)
   assert _line_ids(next(_iterator(data))) == _line_ids(next(_iterator(data)))
 
 
@@ -246,6 +243,7 @@ def test_training_loop_reads_the_demo_through_the_pipeline(tmp_path):
 
   config = _config()
   config.data.update(nway=8, max_pairs=4)
+  demo.ensure_demo_data(config, tmp_path)
   paths = paths_lib.data_paths(config, tmp_path)
   batches = pipeline.train_iterator(config, paths, student_tokenizer(config.model, paths.tokenizer), start_step=2)
   batch = next(batches)

@@ -155,16 +155,3 @@ def test_evaluating_a_trained_workdir_on_qrels_of_another_collection_is_one_line
                                                              for f in ("collection", "queries", "qrels")))
   output = finish(process, returncode=2)
   assert "error: --mode=evaluate: none of the 1 relevant documents of" in output and "Traceback" not in output
-
-
-def test_a_workdir_saved_before_later_model_fields_still_loads(tmp_path, uninterrupted_workdir, uninterrupted):
-  shutil.copytree(uninterrupted_workdir, tmp_path / "workdir")
-  info = tmp_path / "workdir" / "model" / "config.json"
-  config = json.loads(info.read_text())
-  del config["model"]["attention"]
-  info.write_text(json.dumps(config))
-  trained = checkpoint.load_trained(tmp_path / "workdir")
-  assert trained.config.model.attention == "einsum"
-  for got, want in zip(jax.tree.leaves(trained.params), uninterrupted):
-    np.testing.assert_array_equal(got, want)
-

@@ -37,7 +37,7 @@ def token_store(vectors_TxD, lengths_N, chunk_size):
   last_docs = np.minimum(np.arange(chunk_size, len(lengths_N) + chunk_size, chunk_size), len(lengths_N)) - 1
   ends = np.cumsum(lengths_N)[last_docs]
   starts = np.concatenate([[0], ends[:-1]])
-  return corpus.TokenStore([vectors_TxD[a:b] for a, b in zip(starts, ends)], lengths_N, chunk_size)
+  return corpus.EmbeddingStore([vectors_TxD[a:b] for a, b in zip(starts, ends)], lengths_N, chunk_size)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -121,7 +121,7 @@ def test_auto_index_picks_exact_for_small_colbert_and_flat_for_dpr():
   assert search.SearchOptions().resolve(store) == "exact"
   assert search.SearchOptions(exact_max_tokens=9).resolve(store) == "ivfpq"
   assert search.SearchOptions().resolve(corpus.DenseStore([np.zeros((3, 4), np.float32)])) == "flat"
-  with pytest.raises(ValueError, match="index 'flat' does not apply to a TokenStore"):
+  with pytest.raises(ValueError, match="index 'flat' does not apply to a EmbeddingStore"):
     search.SearchOptions(index="flat").resolve(store)
 
 
@@ -140,7 +140,7 @@ def colbert_encoder(tmp_path_factory):
 def test_colbert_corpus_store_holds_each_documents_scored_tokens(colbert_encoder, tmp_path):
   texts = corpus_texts()
   store = corpus.encode_corpus(colbert_encoder, texts, tmp_path, batch_size=8, chunk_size=8)
-  assert isinstance(store, corpus.TokenStore) and len(store.chunks) == 4
+  assert isinstance(store, corpus.EmbeddingStore) and len(store.chunks) == 4
   tokens = colbert_encoder.tokenizer.encode_docs(texts)
   for i in (0, 9, 29):  # one at a time, full width, no sorting or bucketing
     alone = colbert_encoder.encode("doc", tokens["ids"][i:i + 1], tokens["mask"][i:i + 1])[0]
@@ -150,14 +150,18 @@ def test_colbert_corpus_store_holds_each_documents_scored_tokens(colbert_encoder
     assert store.lengths[i] == tokens["score_mask"][i].sum()
 
 
-def test_corpus_vectors_are_float32_unless_float16_is_asked_and_another_dtype_is_not_reused(colbert_encoder,
-                                                                                           tmp_path):
+def test_corpus_vectors_are_float32_unless_float16_is_asked_and_another_dtype_is_refused_unless_rebuilt(
+    colbert_encoder, tmp_path, caplog):
   texts = corpus_texts()
   exact = corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8)
   assert {c.dtype for c in exact.chunks} == {np.dtype(np.float32)}
   assert json.loads((tmp_path / "f32" / corpus.MANIFEST).read_text())["vector_dtype"] == "float32"
-  half = corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8,
-                              vector_dtype="float16")
+  with pytest.raises(ValueError, match=r"other settings \(differing: vector_dtype\); delete it to start over"):
+    corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8, vector_dtype="float16")
+  with caplog.at_level(logging.INFO):
+    half = corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8,
+                                vector_dtype="float16", rebuild=True)
+  assert "Rebuilding" in caplog.text and "(differing: vector_dtype)" in caplog.text
   assert {c.dtype for c in half.chunks} == {np.dtype(np.float16)}
   np.testing.assert_allclose(np.concatenate(half.chunks), np.concatenate(exact.chunks), atol=1e-3)
   with pytest.raises(ValueError, match="vector_dtype must be one of"):

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from configs import colbert
+from pairdistill_jax import io
 from pairdistill_jax.data import formats
 from pairdistill_jax.teachers import rounds, score
 
@@ -51,9 +52,9 @@ def _config(root: pathlib.Path, out: str) -> ml_collections.ConfigDict:
   c = colbert.get_config("demo")
   c.teacher.update(run=str(root / "run.trec"), output=out, top_n=CANDIDATES, nway=8, topk=6, max_distance=2,
                    n_pairs=4, chunk_queries=3, bucket_multiple=64)
-  c.teacher.pointwise.update(kind="cross_encoder", model=str(root / "mono"), max_length=64, dtype="float32",
+  c.teacher.pointwise.update(scorer="cross_encoder", model=str(root / "mono"), max_length=64, dtype="float32",
                              batch_per_device=4)
-  c.teacher.pairwise.update(kind="duobert", model=str(root / "duo"), max_length=96, dtype="float32",
+  c.teacher.pairwise.update(scorer="duobert", model=str(root / "duo"), max_length=96, dtype="float32",
                             batch_per_device=2)
   return c
 
@@ -173,7 +174,7 @@ def test_unknown_passage_in_the_run_is_named(task, tmp_path):
 def test_imported_bi_encoder_as_pointwise_teacher(task, minilm_dir, monkeypatch, scale):
   """A sentence-transformers model as the pointwise teacher: its cosine scores, as sentence-transformers
   computes them, times the teacher scale (default 20, the scale it was trained with: raw cosines give
-  nearly uniform softmax targets); no pairs (pairwise.kind='none'). Each passage is encoded once."""
+  nearly uniform softmax targets); no pairs (pairwise.scorer='none'). Each passage is encoded once."""
   import sentence_transformers  # noqa: PLC0415
 
   from pairdistill_jax.retrieval import corpus  # noqa: PLC0415
@@ -184,12 +185,12 @@ def test_imported_bi_encoder_as_pointwise_teacher(task, minilm_dir, monkeypatch,
   monkeypatch.setattr(corpus, "encode_chunk", lambda enc, texts, *a, **k: (encoded.extend(texts),
                                                                              encode_chunk(enc, texts, *a, **k))[1])
   config = _config(root, str(root / f"bi_encoder_{scale}.jsonl"))
-  config.teacher.pointwise.update(kind="retriever", model=str(minilm_dir), max_length=128, scale=scale)
-  config.teacher.pairwise.kind = "none"
+  config.teacher.pointwise.update(scorer="retriever", model=str(minilm_dir), max_length=128, scale=scale)
+  config.teacher.pairwise.scorer = "none"
   result = score.score(config, root, queries_path=str(root / "queries.tsv"),
                        collection_path=str(root / "collection.tsv"), student=rounds.student_factory(config, root))
   assert sorted(encoded) == sorted(collection.values())  # once each, not once per (query, passage)
-  assert formats.read_record(formats.sidecar(result.path))["settings"]["pointwise"]["scale"] == (scale or 20.0)
+  assert io.read_json(io.sidecar(result.path))["settings"]["pointwise"]["scale"] == (scale or 20.0)
   model = sentence_transformers.SentenceTransformer(str(minilm_dir), device="cpu")
   for example in formats.read_training_lines(result.path):
     q_D = model.encode([queries[example.qid]], normalize_embeddings=True)[0]

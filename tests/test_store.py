@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from pairdistill_jax.data import demo, formats, store
+from pairdistill_jax.data import array_cache, demo, formats, row_index, store
 from pairdistill_jax.data.formats import FormatError
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, DPRTokenizer, load_tokenizer
 
@@ -54,7 +54,7 @@ def test_passage_store_holds_the_tokenizer_encoding(tmp_path, colbert):
   passages = _collection(tmp_path / "collection.tsv", [str(i) for i in range(30)])
   st = _open(tmp_path / "collection.tsv", tmp_path, colbert)
   assert len(st) == 30 and st.ids.dtype == np.uint16 and isinstance(st.ids, np.memmap)
-  assert st.index.kind == "dense"
+  assert st.index.layout == "dense"
   _assert_rows_equal(st, np.arange(30), colbert.encode_docs(list(passages.values())))
   _assert_rows_equal(st, [st.pad_row], colbert.encode_docs([""]))
   np.testing.assert_array_equal(st.rows(["7", "0", "29"]), [7, 0, 29])
@@ -66,7 +66,7 @@ def test_query_store_holds_the_tokenizer_encoding(tmp_path, hf_tokenizer, attend
   queries = dict(zip(["q1", "q2", "q3"], ["what boils ?", "why do proteins fold at 100 degrees and more", "x"]))
   formats.write_queries(tmp_path / "queries.tsv", queries)
   st = _open(tmp_path / "queries.tsv", tmp_path, tokenizer, "queries")
-  assert st.index.kind == "str" and st.what == "qid"
+  assert st.index.layout == "str" and st.what == "qid"
   _assert_rows_equal(st, st.rows(["q1", "q2", "q3"]), tokenizer.encode_queries(list(queries.values())))
 
 
@@ -82,16 +82,16 @@ def test_dpr_store_and_large_vocabulary_int32(tmp_path):
   assert st.ids.max() == tokenizer.tokenizer.get_vocab()["w65999"]
 
 
-@pytest.mark.parametrize("ids, kind", [
+@pytest.mark.parametrize("ids, layout", [
     (["5", "3", "10", "0"], "int"),  # integers, not in row order
     (["1", "0"], "int"),
     (["doc-3", "a", "Z", "café"], "str"),
     (["7", "007", "70"], "str"),  # '007' is not the integer 7
 ])
-def test_index_kinds(tmp_path, colbert, ids, kind):
+def test_index_layouts(tmp_path, colbert, ids, layout):
   _collection(tmp_path / "collection.tsv", ids)
   st = _open(tmp_path / "collection.tsv", tmp_path, colbert)
-  assert st.index.kind == kind
+  assert st.index.layout == layout
   np.testing.assert_array_equal(st.rows(ids[::-1]), np.arange(len(ids))[::-1])
   for missing in ("4", "-1", "07", "doc-4", "", "99999999999999999999999"):
     assert missing not in st.index
@@ -171,7 +171,7 @@ def test_beir_stores_key_on_split_and_title_separator(tmp_path, colbert, monkeyp
                {"0": "why ?", "2": "what boils", "5": "test query"}, {"train": ["0", "2"], "test": ["5"]})
   bar = formats.text_source(root, "docs", title_separator=" | ")
   docs = _open(bar, tmp_path, colbert)
-  assert docs.index.kind == "str" and len(docs) == 3  # BEIR ids, not integers in row order
+  assert docs.index.layout == "str" and len(docs) == 3  # BEIR ids, not integers in row order
   _assert_rows_equal(docs, docs.rows(["MED-10", "4983", "12"]),
                      colbert.encode_docs(["statins", "Micro | white matter", "T | x"]))
   spaced = _open(formats.text_source(root, "docs", title_separator=" "), tmp_path, colbert)
@@ -180,7 +180,7 @@ def test_beir_stores_key_on_split_and_title_separator(tmp_path, colbert, monkeyp
 
   train = _open(formats.text_source(root, "queries", split="train"), tmp_path, colbert, "queries")
   test = _open(formats.text_source(root, "queries", split="test"), tmp_path, colbert, "queries")
-  assert train.index.kind == "int" and train.directory != test.directory
+  assert train.index.layout == "int" and train.directory != test.directory
   assert len(train) == 2 and "0" in train.index and "2" in train.index and "5" not in train.index
   assert len(test) == 1 and "5" in test.index
   _assert_rows_equal(train, train.rows(["2"]), colbert.encode_queries(["what boils"]))
@@ -219,28 +219,28 @@ def test_ensure_built_keeps_a_store_another_process_installed_first(tmp_path):
 
   def build_with(value):
     def build(tmp):
-      writer = store.ArrayWriter(tmp)
+      writer = array_cache.ArrayWriter(tmp)
       writer.append(x=np.array([value]))
       return {"value": value, "arrays": writer.finish()}
     return build
 
   def racing_build(tmp):  # another process finishes while this one builds
-    store.ensure_built(target, lambda meta: True, build_with(1))
+    array_cache.ensure_built(target, lambda meta: True, build_with(1))
     return build_with(2)(tmp)
 
-  meta = store.ensure_built(target, lambda meta: True, racing_build)
+  meta = array_cache.ensure_built(target, lambda meta: True, racing_build)
   assert meta["value"] == 1
-  assert store.open_arrays(target, meta["arrays"])["x"].tolist() == [1]
+  assert array_cache.open_arrays(target, meta["arrays"])["x"].tolist() == [1]
   assert [p.name for p in tmp_path.iterdir()] == ["cached"]
 
 
 def test_encode_keys_is_utf8_per_id_and_agrees_with_the_index(tmp_path, colbert):
-  keys = store._encode_keys(["café", "p1", "日本", ""])
+  keys = row_index.encode_keys(["café", "p1", "日本", ""])
   assert keys.dtype == np.dtype("S6") and keys.tolist() == [b"caf\xc3\xa9", b"p1", b"\xe6\x97\xa5\xe6\x9c\xac", b""]
   ids = ["日本", "café", "cafe", "Z", "é" * 1024]
   _collection(tmp_path / "collection.tsv", ids)
   st = _open(tmp_path / "collection.tsv", tmp_path, colbert)
-  assert st.index.kind == "str"
+  assert st.index.layout == "str"
   np.testing.assert_array_equal(st.rows(ids[::-1]), [4, 3, 2, 1, 0])
   assert list(st.index.find(["cafè", "日", "é" * 1023])) == [-1, -1, -1]
 
@@ -249,7 +249,7 @@ def test_encode_keys_memory_is_that_of_the_utf8_bytes():
   ids = [str(i) for i in range(2000)] + ["é" * 1024]  # one long id: 2048 UTF-8 bytes
   tracemalloc.start()
   try:
-    keys = store._encode_keys(ids)
+    keys = row_index.encode_keys(ids)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
@@ -284,7 +284,7 @@ def test_damaged_store_is_rebuilt(tmp_path, colbert, caplog):
   with open(ids_file, "r+b") as f:
     f.seek(middle)
     f.write(bytes(255 - b for b in original[middle:middle + 4]))
-  with caplog.at_level(logging.WARNING, logger=store.__name__):
+  with caplog.at_level(logging.WARNING, logger=array_cache.__name__):
     rebuilt = _open(source, tmp_path, colbert)
   assert caplog.text.count(f"{ids_file} does not match the checksum recorded when it was built") == 1
   assert rebuilt.directory == first.directory and ids_file.read_bytes() == original
@@ -296,16 +296,16 @@ def test_fingerprint_samples_a_large_file(tmp_path):
   path = tmp_path / "big.bin"
   data = bytearray(np.random.default_rng(0).integers(0, 256, 8 * mib, np.uint8).tobytes())
   path.write_bytes(data)
-  recorded = store.fingerprint(path)
+  recorded = array_cache.fingerprint(path)
   block_20 = 20 * ((8 * mib - 4096) // 63)  # the 21st of 64 evenly spaced 4 KiB blocks
   for offset in (0, 4 * mib - 1, 8 * mib - 1, block_20 + 100):  # first, middle and last MiB, a block
     changed = bytearray(data)
     changed[offset] ^= 1
     path.write_bytes(changed)
-    assert store.fingerprint(path) != recorded, offset
+    assert array_cache.fingerprint(path) != recorded, offset
   path.write_bytes(data + b"\0")
-  assert store.fingerprint(path) != recorded
+  assert array_cache.fingerprint(path) != recorded
   changed = bytearray(data)
   changed[2 * mib] ^= 1  # between samples: the check is sampled, as the module docstring says
   path.write_bytes(changed)
-  assert store.fingerprint(path) == recorded
+  assert array_cache.fingerprint(path) == recorded

@@ -1,12 +1,17 @@
-"""ColBERT and DPR students vs PyTorch `transformers` + float64 numpy scoring."""
+"""ColBERT and DPR students vs PyTorch `transformers` + float64 numpy scoring; the built-in kinds against the
+student protocol (students.registry)."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from pairdistill_jax import students
 from pairdistill_jax.convert.bert_table import hf_to_flax
+from pairdistill_jax.data import demo
+from pairdistill_jax.data.tokenization import load_tokenizer
 from pairdistill_jax.models import scoring
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.students.colbert import ColBERT
@@ -123,3 +128,25 @@ def test_dpr_towers_match_torch_pooling(torch_bert, inputs, pooling, shared):
   assert set(variables["params"]) == set(towers)
   for method in ("encode_query", "encode_doc"):
     np.testing.assert_allclose(model.apply({"params": params}, ids, mask, method=method), expected, atol=1e-5)
+
+
+MODEL_FIELDS = {"colbert": dict(dim=8, mask_punctuation=True, attend_to_mask_tokens=False),
+                "dpr": dict(pooling="cls", shared_towers=True, normalize=False)}
+
+
+@pytest.mark.parametrize("kind", ["colbert", "dpr"])
+def test_built_in_kinds_keep_the_protocol(tmp_path, kind):
+  """Each kind's tokenizer is a StudentTokenizer, and its document vectors that count are, for ColBERT, the
+  tokens of the hand-made score mask (punctuation and padding dropped); DPR has one vector per text."""
+  demo.write_tokenizer(tmp_path, ["alpha", "beta"])
+  student = students.get(kind)
+  model_config = ml_collections.ConfigDict(dict(kind=kind, dtype="float32", remat="none", attention="auto",
+                                                **MODEL_FIELDS[kind]))
+  tokenizer = student.tokenizer(load_tokenizer(tmp_path), model_config, query_maxlen=6, doc_maxlen=7)
+  assert isinstance(tokenizer, students.StudentTokenizer)
+  tokens = tokenizer.encode_docs(["alpha , beta", "beta"])
+  kept = student.doc_vector_mask(student.make_module(model_config, BertConfig(**HF_CONFIG)), tokens)
+  if kind == "dpr":
+    assert kept is None and not student.multi_vector
+  else:  # [CLS] [D] alpha , beta [SEP] [PAD] / [CLS] [D] beta [SEP] [PAD] [PAD] [PAD]
+    np.testing.assert_array_equal(kept, [[1, 1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]])

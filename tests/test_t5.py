@@ -14,7 +14,8 @@ import torch
 import transformers
 from flax import traverse_util
 
-from pairdistill_jax import config_lib, sharding
+from configs import common
+from pairdistill_jax import sharding
 from pairdistill_jax.convert import hf_io
 from pairdistill_jax.convert.t5_table import flax_to_hf, hf_to_flax, import_t5
 from pairdistill_jax.models.t5 import T5Config, T5Scorer, num_params, relative_position_bucket
@@ -114,7 +115,7 @@ def test_bfloat16_compute_close_to_float32(checkpoints):
 
 def _mesh_and_rules(data: int, fsdp: int, tensor: int):
   config = ml_collections.ConfigDict({"mesh": dict(data=data, fsdp=fsdp, tensor=tensor),
-                                      "sharding_rules": config_lib.SHARDING_RULES})
+                                      "sharding_rules": common.sharding_rules()})
   return sharding.make_mesh(config), sharding.rules(config)
 
 

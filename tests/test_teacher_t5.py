@@ -11,7 +11,7 @@ import transformers
 from tokenizers import models, pre_tokenizers, processors
 
 from configs import colbert
-from pairdistill_jax.bench import runner
+from pairdistill_jax.bench import modes
 from pairdistill_jax.data import formats
 from pairdistill_jax.teachers import inputs, score
 
@@ -44,8 +44,8 @@ def _config(root, teacher_dir):
   c = colbert.get_config("demo")
   c.teacher.update(run=str(root / "run.trec"), output=str(root / "train.jsonl"), top_n=4, nway=4, topk=4,
                    max_distance=1, n_pairs=2, chunk_queries=2, bucket_multiple=8)
-  for role, kind in (("pointwise", "monot5"), ("pairwise", "duot5")):
-    c.teacher[role].update(kind=kind, model=str(teacher_dir), max_length=64, dtype="float32", batch_per_device=2)
+  for role, scorer in (("pointwise", "monot5"), ("pairwise", "duot5")):
+    c.teacher[role].update(scorer=scorer, model=str(teacher_dir), max_length=64, dtype="float32", batch_per_device=2)
   return c
 
 
@@ -88,7 +88,7 @@ def test_t5_teachers_score_like_torch(tmp_path, teacher_dir):
 def test_teacher_benchmark_reports_passages_and_pairs_per_second(tmp_path, teacher_dir, capsys):
   config = _config(tmp_path, teacher_dir)
   config.benchmark.update(what="teacher", teacher_items=24, teacher_query_words=3, teacher_passage_words=20)
-  records = runner.run(config, tmp_path)
+  records = modes.run(config, tmp_path)
   out = capsys.readouterr().out
   assert [r["variant"].split()[0] for r in records] == ["pointwise", "pairwise"]
   assert records[0]["passages_per_s"] > 0 and records[1]["pairs_per_s"] > 0

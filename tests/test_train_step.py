@@ -13,7 +13,8 @@ from pairdistill_jax import sharding
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.students import make_student
 from pairdistill_jax.train import state as state_lib
-from pairdistill_jax.train.step import compute_loss, make_train_step, student_vectors
+from pairdistill_jax.train.forward import compute_loss, student_vectors
+from pairdistill_jax.train.step import make_train_step
 
 BATCH, NWAY, LQ, LD, PAIRS, VOCAB = 8, 4, 8, 12, 3, 64
 

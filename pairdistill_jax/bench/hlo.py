@@ -42,7 +42,7 @@ class Operand:
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-  kind: str
+  op: str  # e.g. 'all-gather'
   operands: tuple[Operand, ...]
 
 
@@ -79,20 +79,20 @@ def classify(operand: Operand, params: set[Shape]) -> str:
 
 
 def summarize(found: Iterable[Collective], params: set[Shape]) -> dict:
-  """{'by_kind': {kind: {count, bytes}}, 'by_content': {class: bytes}, 'activation_gathers': n}.
+  """{'by_op': {op: {count, bytes}}, 'by_content': {class: bytes}, 'activation_gathers': n}.
 
   activation_gathers counts all-gathers and all-to-alls of activation-shaped operands: a batch (or
   activations computed from it) moved between devices.
   """
-  by_kind: dict[str, dict[str, int]] = {}
+  by_op: dict[str, dict[str, int]] = {}
   by_content = {"params": 0, "scalars": 0, "activations": 0}
   activation_gathers = 0
   for c in found:
-    entry = by_kind.setdefault(c.kind, {"count": 0, "bytes": 0})
+    entry = by_op.setdefault(c.op, {"count": 0, "bytes": 0})
     entry["count"] += 1
     for operand in c.operands:
       entry["bytes"] += operand.bytes
       content = classify(operand, params)
       by_content[content] += operand.bytes
-      activation_gathers += content == "activations" and c.kind in ("all-gather", "all-to-all")
-  return {"by_kind": by_kind, "by_content": by_content, "activation_gathers": activation_gathers}
+      activation_gathers += content == "activations" and c.op in ("all-gather", "all-to-all")
+  return {"by_op": by_op, "by_content": by_content, "activation_gathers": activation_gathers}

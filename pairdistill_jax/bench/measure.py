@@ -66,7 +66,8 @@ def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
     return {}
   return {"compiled_temp_bytes": int(analysis.temp_size_in_bytes),
           "compiled_argument_bytes": int(analysis.argument_size_in_bytes),
-          "compiled_output_bytes": int(analysis.output_size_in_bytes)}
+          "compiled_output_bytes": int(analysis.output_size_in_bytes),
+          "compiled_alias_bytes": int(analysis.alias_size_in_bytes)}
 
 
 def compiled_flops(compiled: jax.stages.Compiled) -> float | None:

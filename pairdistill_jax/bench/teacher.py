@@ -18,7 +18,7 @@ import numpy as np
 from pairdistill_jax import config_lib, sharding
 from pairdistill_jax.bench import measure
 from pairdistill_jax.teachers import load
-from pairdistill_jax.teachers.runner import ShardedScorer, teacher_mesh
+from pairdistill_jax.teachers.batched_scoring import ShardedScorer, teacher_mesh
 
 _WORDS = ("the of and to in is that for it as with was on by are this be from at or an which have not they "
           "protein cell gene cancer patients study results effect treatment risk water energy model data "
@@ -58,12 +58,12 @@ def time_scorer(scorer: ShardedScorer, texts: Sequence[tuple[str, ...]]) -> dict
 
 def run(config: ml_collections.ConfigDict, student: Callable | None = None,
         devices: Sequence[jax.Device] | None = None) -> list[dict]:
-  """One record per teacher of config.teacher (the pairwise one unless its kind is none/pointwise)."""
+  """One record per teacher of config.teacher (the pairwise one unless its scorer is none/pointwise)."""
   teacher_cfg, bench_cfg = config.teacher, config.benchmark
   mesh = teacher_mesh(teacher_cfg, devices)
   rules = sharding.rules(config)
   roles = [("pointwise", 2, "passages_per_s")]
-  if teacher_cfg.pairwise.kind not in ("none", "pointwise"):
+  if teacher_cfg.pairwise.scorer not in ("none", "pointwise"):
     roles.append(("pairwise", 3, "pairs_per_s"))
   records = []
   for role, arity, unit in roles:

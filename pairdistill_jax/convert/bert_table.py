@@ -73,7 +73,8 @@ LAYER_RULES: tuple[Rule, ...] = (
 
 POOLER_RULES: tuple[Rule, ...] = _linear("pooler.dense", "pooler/dense", _H, _H)
 
-# Older checkpoints (e.g. bert-base-uncased's pytorch_model.bin) keep TF LayerNorm names.
+# LayerNorm parameter names of the TF BERT release, which some published PyTorch checkpoints still carry (e.g.
+# bert-base-uncased's pytorch_model.bin): HF name suffix -> TF name suffix; import reads either.
 LEGACY_SUFFIXES: Mapping[str, str] = {"LayerNorm.weight": "LayerNorm.gamma",
                                       "LayerNorm.bias": "LayerNorm.beta"}
 # Non-parameter buffers some checkpoints store; they carry no weights.
@@ -109,11 +110,11 @@ def expand(config: BertConfig) -> list[Entry]:
 
 
 def _lookup(state_dict: Mapping[str, np.ndarray], key: str) -> str | None:
-  """The key actually present for `key`: itself or its legacy TF name."""
+  """The key actually present for `key`: itself or its TF LayerNorm name."""
   if key in state_dict:
     return key
-  for suffix, legacy in LEGACY_SUFFIXES.items():
-    if key.endswith(suffix) and (alias := key[:-len(suffix)] + legacy) in state_dict:
+  for suffix, tf_suffix in LEGACY_SUFFIXES.items():
+    if key.endswith(suffix) and (alias := key[:-len(suffix)] + tf_suffix) in state_dict:
       return alias
   return None
 

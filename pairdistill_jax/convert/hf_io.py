@@ -59,7 +59,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch  # noqa: PLC0415  (torch is optional: only .bin checkpoints need it)
   except ImportError as e:
     raise ImportError(f"{path} is a PyTorch file; reading it needs torch (pip install torch), "
                       f"or convert the checkpoint to {SAFETENSORS}.") from e

@@ -83,7 +83,7 @@ def _adapt(config: ml_collections.ConfigDict, source: str, bert_config: BertConf
            params: dict) -> tuple[BertConfig, dict]:
   """Applies init.layers and model.bert's dropout to the initial weights; refuses model.bert shape fields
   that the initial weights would silently override."""
-  base = config_lib.bert_base()
+  base = dataclasses.asdict(BertConfig())  # bert-base: the shape of configs/common.py's random init
   ignored = [f"model.bert.{f}={config.model.bert[f]} (the initial weights have {getattr(bert_config, f)})"
              for f in _SHAPE_FIELDS
              if config.model.bert[f] not in (0, base[f], getattr(bert_config, f))]  # 0: unset

@@ -15,8 +15,11 @@ import os
 import pathlib
 import string
 
+import jax
+import ml_collections
 import numpy as np
 
+from pairdistill_jax import distributed, io, paths, remote
 from pairdistill_jax.data import formats
 
 SPECIAL_TOKENS = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -121,7 +124,7 @@ def generate(directory: str | os.PathLike, *, seed: int = 0, topics: int = 40, p
   formats.write_training_lines(directory / "train.jsonl", examples)
   formats.write_qrels(directory / "qrels.dev.tsv",
                       {q: {f"p{int(t)}": 1} for q, t in zip(dev_ids, targets[train_queries:])})
-  (directory / MARKER).write_text(json.dumps(_settings(seed, nway, n_pairs)))
+  io.write_json(directory / MARKER, _settings(seed, nway, n_pairs), indent=None)  # last: the data is complete
 
 
 def _settings(seed: int, nway: int, n_pairs: int) -> dict:
@@ -136,3 +139,13 @@ def ensure(directory: str | os.PathLike, *, nway: int, n_pairs: int, seed: int =
   if not complete or json.loads(marker.read_text()) != _settings(seed, nway, n_pairs):
     generate(directory, seed=seed, nway=nway, n_pairs=n_pairs)
   return directory
+
+
+def ensure_demo_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Writes a :demo config's task into WORKDIR/demo_data (paths.data_paths) unless it is there: by process 0, or
+  by every process when the workdir is a bucket's mirror (which only its own host sees); all wait for it."""
+  if not config.data.demo:
+    return
+  if jax.process_index() == 0 or remote.find(workdir) is not None:
+    ensure(pathlib.Path(workdir) / paths.DEMO_DATA_DIR, nway=config.data.nway, n_pairs=config.data.max_pairs)
+  distributed.barrier("demo data written")

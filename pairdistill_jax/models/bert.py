@@ -9,30 +9,22 @@ The parameter tree mirrors the PyTorch module names (`embeddings/word_embeddings
 import dataclasses
 import functools
 import json
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import logging
-from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
-from jax.sharding import PartitionSpec as P
+
+from pairdistill_jax.models.attention import attend, attention_mask_bias, choose_kernel
+from pairdistill_jax.models.initializers import Axes, param_init
 
 Array = jax.Array
-Axes = tuple[str | None, ...]
 
 _INIT_STD = 0.02  # HF initializer_range
 _SUPPORTED_ACT = "gelu"  # HF "gelu" is the exact erf GELU
 _SUPPORTED_POSITIONS = "absolute"
-# model.attention: 'auto' picks one of the others per platform (select_attention).
-ATTENTION_KERNELS = ("auto", "einsum", "dot_product_attention", "cudnn", "pallas")
-FUSED_ATTENTION = ("dot_product_attention", "cudnn", "pallas")  # no attention-probability dropout
-_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-_CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention on Ampere (256 from Hopper on)
-_PALLAS_BLOCK = 128  # the TPU flash_attention tile: sequences are padded to a multiple of it
 COMPUTE_DTYPES = ("float32", "bfloat16")  # model.dtype and the teachers' dtype (parameters stay float32)
 ACTIVATION_AXES = ("batch", None, None)  # hidden states: split along the batch, whole along length and H
 # model.remat: the nn.remat policy per name; 'none' does not rematerialise at all.
@@ -110,17 +102,13 @@ class BertConfig:
     }
 
 
-def _param_init(init: nn.initializers.Initializer, axes: Axes) -> nn.initializers.Initializer:
-  return nn.with_logical_partitioning(init, axes)
-
-
 def _dense(features: int, kernel_axes: Axes, dtype: Any, name: str) -> nn.Dense:
   return nn.Dense(
       features,
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=_param_init(nn.initializers.normal(_INIT_STD), kernel_axes),
-      bias_init=_param_init(nn.initializers.zeros_init(), kernel_axes[-1:]),
+      kernel_init=param_init(nn.initializers.normal(_INIT_STD), kernel_axes),
+      bias_init=param_init(nn.initializers.zeros_init(), kernel_axes[-1:]),
       name=name)
 
 
@@ -130,8 +118,8 @@ def _layer_norm(config: BertConfig, dtype: Any) -> nn.LayerNorm:
       dtype=dtype,
       param_dtype=jnp.float32,
       use_fast_variance=False,
-      scale_init=_param_init(nn.initializers.ones_init(), ("embed",)),
-      bias_init=_param_init(nn.initializers.zeros_init(), ("embed",)),
+      scale_init=param_init(nn.initializers.ones_init(), ("embed",)),
+      bias_init=param_init(nn.initializers.zeros_init(), ("embed",)),
       name="LayerNorm")
 
 
@@ -141,7 +129,7 @@ def _embed(num: int, features: int, axes: Axes, name: str) -> nn.Embed:
       features,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
-      embedding_init=_param_init(nn.initializers.normal(_INIT_STD), axes),
+      embedding_init=param_init(nn.initializers.normal(_INIT_STD), axes),
       name=name)
 
 
@@ -180,139 +168,10 @@ class BertEmbeddings(nn.Module):
     return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxH, deterministic=deterministic)
 
 
-def _platform() -> str:
-  """Where jitted computations run by default: 'cuda' (an NVIDIA GPU with cuDNN flash attention, Ampere or
-  later), 'gpu' (any other GPU), 'tpu' or 'cpu'."""
-  backend = jax.default_backend()
-  if backend != "gpu":
-    return backend
-  device = jax.devices()[0]
-  capability = tuple(int(x) for x in getattr(device, "compute_capability", "0.0").split("."))
-  return "cuda" if "cuda" in device.client.platform_version.lower() and capability >= (8, 0) else "gpu"
-
-
-def select_attention(attention: str, dtype: Any, head_dim: int, length: int, dropout: bool,
-                     platform: str | None = None) -> tuple[str, str]:
-  """The kernel model.attention=`attention` runs as, and why.
-
-  'auto' takes cuDNN flash attention on NVIDIA GPUs (bfloat16/float16 and shapes it supports), the Pallas
-  flash attention kernel on TPUs and the einsums (the XLA path) everywhere else; training with
-  attention-probability dropout (`dropout`) always takes the einsums, the only kernel that has it.
-  platform: as `_platform()` names it (by default the platform jitted computations run on).
-  """
-  if attention not in ATTENTION_KERNELS:
-    raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
-  if attention != "auto":
-    if dropout and attention in FUSED_ATTENTION:
-      raise ValueError(
-          f"attention={attention!r} has no attention-probability dropout but training applies it; set "
-          "--config.model.bert.attention_probs_dropout_prob=0 or use attention='auto' or 'einsum'.")
-    return attention, "set in model.attention"
-  if dropout:
-    return "einsum", "training with attention-probability dropout, which only the einsum path has"
-  platform = platform or _platform()
-  if platform == "cuda":
-    if jnp.dtype(dtype) not in _CUDNN_DTYPES:
-      return "einsum", f"cuDNN attention needs bfloat16 or float16, the compute dtype is {jnp.dtype(dtype)}"
-    if head_dim > _CUDNN_MAX_HEAD_DIM or head_dim % 8 or length % 2:
-      return "einsum", f"cuDNN flash attention does not take head dim {head_dim} with length {length}"
-    return "cudnn", f"NVIDIA GPU, {jnp.dtype(dtype)}"
-  if platform == "tpu":
-    if head_dim > _PALLAS_BLOCK and head_dim % _PALLAS_BLOCK:
-      return "einsum", f"the TPU flash attention kernel does not take head dim {head_dim}"
-    return "pallas", "TPU"
-  return "einsum", f"{platform}: the einsums are the XLA formulation and the fastest measured on CPU"
-
-
-@functools.cache
-def _log_selection(kernel: str, reason: str) -> None:
-  """Logs each of auto's choices once per process."""
-  logging.info("model.attention='auto' runs %r: %s", kernel, reason)
-
-
-def _einsum_attention(q_BxLxNxD: Array, k_BxLxNxD: Array, v_BxLxNxD: Array, mask_bias_Bx1x1xL: Array,
-                      dropout: Callable[[Array], Array]) -> Array:
-  """Softmax attention as two einsums, heads-major ([B, N, L, D]: the fastest layout measured on CPU)."""
-  q_BxNxLxD, k_BxNxLxD, v_BxNxLxD = (x.transpose(0, 2, 1, 3) for x in (q_BxLxNxD, k_BxLxNxD, v_BxLxNxD))
-  logits_BxNxLxL = jnp.einsum("bnqd,bnkd->bnqk", q_BxNxLxD, k_BxNxLxD, preferred_element_type=jnp.float32)
-  logits_BxNxLxL = logits_BxNxLxL * q_BxNxLxD.shape[-1]**-0.5 + mask_bias_Bx1x1xL
-  probs_BxNxLxL = dropout(jax.nn.softmax(logits_BxNxLxL, axis=-1))
-  out_BxNxLxD = jnp.einsum("bnqk,bnkd->bnqd", probs_BxNxLxL.astype(v_BxNxLxD.dtype), v_BxNxLxD)
-  return out_BxNxLxD.transpose(0, 2, 1, 3)
-
-
-def _fused_inputs(q_BxLxNxD: Array, mask_bias_Bx1x1xL: Array) -> tuple[Array, Array]:
-  """The queries and key mask the fused kernels take: every query row (padding rows too) attends to the keys
-  the mask keeps. A sequence without any gets the einsum path's answer, the mean of its values: zero queries
-  attending to all of its keys."""
-  keys_BxL = mask_bias_Bx1x1xL[:, 0, 0] == 0
-  has_keys_Bx1 = keys_BxL.any(axis=1, keepdims=True)
-  return q_BxLxNxD * has_keys_Bx1[:, :, None, None].astype(q_BxLxNxD.dtype), keys_BxL | ~has_keys_Bx1
-
-
-def _xla_attention(q_BxLxNxD: Array, k_BxLxNxD: Array, v_BxLxNxD: Array, keys_BxL: Array) -> Array:
-  """`jax.nn.dot_product_attention`, implementation chosen by JAX."""
-  return jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask=keys_BxL[:, None, None, :])
-
-
-def _cudnn_attention(q_BxLxNxD: Array, k_BxLxNxD: Array, v_BxLxNxD: Array, keys_BxL: Array) -> Array:
-  """cuDNN flash attention; the key mask becomes its [B, 1, L, L] bias (it takes no broadcast one)."""
-  batch, length = keys_BxL.shape
-  mask_Bx1xLxL = jnp.broadcast_to(keys_BxL[:, None, None, :], (batch, 1, length, length))
-  return jax.nn.dot_product_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask=mask_Bx1xLxL,
-                                      implementation="cudnn")
-
-
-def _pallas_flash(q_BxNxPxD: Array, k_BxNxPxD: Array, v_BxNxPxD: Array, keys_BxP: Array) -> Array:
-  """The TPU Pallas flash attention kernel (Mosaic: TPUs only, or Pallas TPU interpret mode): query segment 1
-  everywhere, key segment 1 where attended, so every query row (ColBERT's [MASK] padding rows too) attends to
-  its sequence's keys."""
-  segments = tpu_flash.SegmentIds(q=jnp.ones(keys_BxP.shape, jnp.int32), kv=keys_BxP.astype(jnp.int32))
-  return tpu_flash.flash_attention(q_BxNxPxD, k_BxNxPxD, v_BxNxPxD, segment_ids=segments,
-                                   sm_scale=q_BxNxPxD.shape[-1]**-0.5)
-
-
-def _shard_spec(logical: Axes, shape: tuple[int, ...]) -> P:
-  """The mesh axes of `logical` under the logical-axis rules and mesh in effect; None where they do not
-  divide the dimension."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return P(*(None for _ in shape))
-  spec = []
-  for axes, size in zip(nn.logical_to_mesh_axes(logical), shape):
-    names = axes if isinstance(axes, tuple) else (axes,)
-    shards = math.prod(mesh.shape[n] for n in names if n is not None)
-    spec.append(axes if axes is not None and size % shards == 0 else None)
-  return P(*spec)
-
-
-def _pallas_attention(q_BxLxNxD: Array, k_BxLxNxD: Array, v_BxLxNxD: Array, keys_BxL: Array) -> Array:
-  """_pallas_flash on heads-major inputs padded to a multiple of its tile (padded keys are not attended).
-
-  Under a mesh it runs per shard of the batch and heads (`jax.shard_map`): XLA cannot split a Pallas kernel
-  itself and would gather every input whole onto each device.
-  """
-  length = keys_BxL.shape[1]
-  pad = -length % _PALLAS_BLOCK
-  q_BxNxPxD, k_BxNxPxD, v_BxNxPxD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-                                     for x in (q_BxLxNxD, k_BxLxNxD, v_BxLxNxD))
-  keys_BxP = jnp.pad(keys_BxL, ((0, 0), (0, pad)))
-  spec = _shard_spec(("batch", "heads", None, None), q_BxNxPxD.shape)
-  flash = _pallas_flash
-  if any(axes is not None for axes in spec):
-    flash = jax.shard_map(flash, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec,
-                          check_vma=False)
-  out_BxNxPxD = flash(q_BxNxPxD, k_BxNxPxD, v_BxNxPxD, keys_BxP)
-  return out_BxNxPxD[:, :, :length].transpose(0, 2, 1, 3)
-
-
-_FUSED = {"dot_product_attention": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention}
-
-
 class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product attention, float32 softmax.
 
-  `attention` picks the kernel (`select_attention`): 'einsum' (explicit einsums, attention-probability
+  `attention` picks the kernel (models/attention.py): 'einsum' (explicit einsums, attention-probability
   dropout), 'dot_product_attention' (`jax.nn.dot_product_attention`, implementation chosen by JAX), 'cudnn'
   (its cuDNN flash attention), 'pallas' (the TPU Pallas flash attention kernel) or 'auto' (per platform).
   The fused kernels have no attention-probability dropout: training with them needs
@@ -329,21 +188,15 @@ class BertSelfAttention(nn.Module):
     heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
     dropout = not deterministic and cfg.attention_probs_dropout_prob > 0
-    kernel, reason = select_attention(self.attention, self.dtype, head_dim, x_BxLxH.shape[1], dropout)
-    if self.attention == "auto":
-      _log_selection(kernel, reason)
+    kernel = choose_kernel(self.attention, self.dtype, head_dim, x_BxLxH.shape[1], dropout)
 
     def project(name: str) -> Array:
       y_BxLxH = _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name)(x_BxLxH)
       return y_BxLxH.reshape(*y_BxLxH.shape[:2], heads, head_dim)
 
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = project("query"), project("key"), project("value")
-    if kernel == "einsum":
-      drop = functools.partial(nn.Dropout(cfg.attention_probs_dropout_prob), deterministic=deterministic)
-      out_BxLxNxD = _einsum_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_bias_Bx1x1xL, drop)
-    else:
-      q_BxLxNxD, keys_BxL = _fused_inputs(q_BxLxNxD, mask_bias_Bx1x1xL)
-      out_BxLxNxD = _FUSED[kernel](q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, keys_BxL)
+    drop = functools.partial(nn.Dropout(cfg.attention_probs_dropout_prob), deterministic=deterministic)
+    out_BxLxNxD = attend(kernel, q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_bias_Bx1x1xL, drop)
     return out_BxLxNxD.reshape(x_BxLxH.shape)
 
 
@@ -446,13 +299,6 @@ class BertPooler(nn.Module):
     return jnp.tanh(y_BxH)
 
 
-def attention_mask_bias(attention_mask_BxL: Array) -> Array:
-  """Additive float32 key mask as HF builds it: 0 where attended, finfo(float32).min elsewhere."""
-  keep_BxL = attention_mask_BxL.astype(bool)
-  bias_BxL = jnp.where(keep_BxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-  return bias_BxL[:, None, None, :]
-
-
 class BertEncoder(nn.Module):
   """HF `BertModel` forward pass: (last hidden states, pooled output or None).
 
@@ -464,7 +310,7 @@ class BertEncoder(nn.Module):
       layer is recomputed), 'dots_saveable' / 'dots_with_no_batch_dims_saveable' (matmul outputs /
       those without batch dimensions, i.e. not the attention matrices); True and False mean 'full'
       and 'none'. Parameter names are unchanged.
-    attention: one of ATTENTION_KERNELS, 'auto' choosing per platform (see BertSelfAttention).
+    attention: one of models.attention.ATTENTION_KERNELS, 'auto' choosing per platform.
   """
 
   config: BertConfig

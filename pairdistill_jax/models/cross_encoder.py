@@ -24,7 +24,7 @@ class CrossEncoder(nn.Module):
       pooler output).
     num_labels: classifier outputs (1 for a pointwise relevance logit).
     dtype: compute dtype of the BERT body; the classifier runs in float32.
-    attention: the BertSelfAttention kernel (models.bert.ATTENTION_KERNELS; 'auto' picks one per platform).
+    attention: the BertSelfAttention kernel (models.attention.ATTENTION_KERNELS; 'auto' picks one per platform).
   """
 
   bert_config: BertConfig

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pairdistill_jax.models.bert import attention_mask_bias, read_hf_config
+from pairdistill_jax.models.attention import attention_mask_bias
+from pairdistill_jax.models.bert import read_hf_config
+from pairdistill_jax.models.initializers import Axes, param_init
 
 Array = jax.Array
-Axes = tuple[str | None, ...]
 
 ACTIVATION_AXES = ("batch", None, None)  # hidden states: split along the batch only
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
@@ -153,10 +154,6 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
   return (buckets + np.where(is_small, relative_position, if_large)).astype(np.int32)
 
 
-def _param_init(init: nn.initializers.Initializer, axes: Axes) -> nn.initializers.Initializer:
-  return nn.with_logical_partitioning(init, axes)
-
-
 def _dense(features: int, fan_in: int, kernel_axes: Axes, dtype: Any, name: str) -> nn.Dense:
   """A bias-free Linear, initialised like HF's T5 (normal, std fan_in**-0.5)."""
   return nn.Dense(
@@ -164,7 +161,7 @@ def _dense(features: int, fan_in: int, kernel_axes: Axes, dtype: Any, name: str)
       use_bias=False,
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=_param_init(nn.initializers.normal(fan_in**-0.5), kernel_axes),
+      kernel_init=param_init(nn.initializers.normal(fan_in**-0.5), kernel_axes),
       name=name)
 
 
@@ -185,7 +182,7 @@ class T5LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxQxD: Array) -> Array:
-    scale_D = self.param("scale", _param_init(nn.initializers.ones_init(), ("embed",)),
+    scale_D = self.param("scale", param_init(nn.initializers.ones_init(), ("embed",)),
                          (self.config.d_model,), jnp.float32)
     x_BxQxD = x_BxQxD.astype(jnp.float32)
     variance_BxQx1 = jnp.mean(jnp.square(x_BxQxD), axis=-1, keepdims=True)
@@ -212,7 +209,7 @@ class T5Attention(nn.Module):
         cfg.num_heads,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        embedding_init=_param_init(nn.initializers.normal(cfg.d_model**-0.5), (None, None)),
+        embedding_init=param_init(nn.initializers.normal(cfg.d_model**-0.5), (None, None)),
         name="relative_attention_bias")
     relative_QxS = np.arange(keys)[None, :] - np.arange(queries)[:, None]
     buckets_QxS = relative_position_bucket(relative_QxS, self.bidirectional,
@@ -376,7 +373,7 @@ class T5LMHead(nn.Module):
   @nn.compact
   def __call__(self, hidden_BxD: Array, token_ids: tuple[int, ...] | None) -> Array:
     cfg = self.config
-    kernel_DxV = self.param("kernel", _param_init(nn.initializers.normal(1.0), ("embed", "vocab")),
+    kernel_DxV = self.param("kernel", param_init(nn.initializers.normal(1.0), ("embed", "vocab")),
                             (cfg.d_model, cfg.vocab_size), jnp.float32)
     kernel_DxT = kernel_DxV if token_ids is None else jnp.take(
         kernel_DxV, jnp.asarray(token_ids, jnp.int32), axis=1)
@@ -424,7 +421,7 @@ class T5Scorer(nn.Module):
         cfg.vocab_size,
         cfg.d_model,
         param_dtype=jnp.float32,
-        embedding_init=_param_init(nn.initializers.normal(1.0), ("vocab", "embed")),
+        embedding_init=param_init(nn.initializers.normal(1.0), ("vocab", "embed")),
         name="shared").embedding
     mask_bias_Bx1x1xL = attention_mask_bias(attention_mask_BxL)
     encoder_BxLxD = T5Stack(cfg, self.dtype, is_decoder=False, name="encoder")(

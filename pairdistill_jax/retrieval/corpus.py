@@ -10,16 +10,17 @@
 The vector dtype is float32 (the encoder's output, exactly) or float16 (half the disk and memory, for big
 collections; it moves the scores by about 1e-3, enough to move nDCG@10 in the third decimal).
 
-Every file is written under a temporary name and renamed, and a chunk counts as done once its last file
-exists (lengths for ColBERT, vectors for DPR): a crashed run resumes at the first missing chunk. A different
-model, corpus or vector dtype (manifest mismatch) discards the old chunks. Chunk i is encoded by process i mod P.
+The directory is an `io.ChunkDir`: every file is written atomically, and a chunk counts as done once its last
+file exists (lengths for ColBERT, vectors for DPR), so a crashed run resumes at the first missing chunk. Chunks
+of a different model, corpus or vector dtype (manifest mismatch) are refused unless the caller passes
+`rebuild=True` (evaluation and mining do: a workdir's corpus directory is re-encoded after more training), which
+deletes them and logs why. Chunk i is encoded by process i mod P.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -28,13 +29,12 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
 
-from pairdistill_jax import remote, students
+from pairdistill_jax import distributed, io, remote, students
 from pairdistill_jax.retrieval import devices
 from pairdistill_jax.retrieval.encoders import Encoder
 
-MANIFEST = "manifest.json"
+MANIFEST = io.MANIFEST
 VECTOR_DTYPES = ("float32", "float16")
 _VECTORS = "chunk_{:06d}.vectors.npy"
 _LENGTHS = "chunk_{:06d}.lengths.npy"
@@ -66,7 +66,7 @@ class DenseStore:
 
 
 @dataclasses.dataclass
-class TokenStore:
+class EmbeddingStore:
   """ColBERT document token vectors: `chunks[c]` holds documents [c*chunk_size, (c+1)*chunk_size)."""
 
   chunks: list[np.ndarray]
@@ -127,7 +127,7 @@ class TokenStore:
     return vectors_CxWxD, mask_CxW.astype(np.int32)
 
 
-Store = DenseStore | TokenStore
+Store = DenseStore | EmbeddingStore
 
 
 def _gather_rows(chunks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -158,31 +158,21 @@ def corpus_hash(texts: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
-def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _done_file(directory: pathlib.Path, kind: str, chunk: int) -> pathlib.Path:
+def _done_name(kind: str) -> str:
   """The file written last for a chunk of student `kind`: its lengths (multi-vector) or its vectors."""
-  return directory / (_LENGTHS if students.get(kind).multi_vector else _VECTORS).format(chunk)
+  return _LENGTHS if students.get(kind).multi_vector else _VECTORS
 
 
 def encode_chunk(encoder: Encoder, texts: Sequence[str], batch_size: int,
                  on_batch: Callable[[int], object] = lambda n: None) -> tuple[np.ndarray, np.ndarray | None]:
   """(vectors, lengths) of documents, float32: single-vector (DPR) [n, dim] and None; multi-vector (ColBERT)
-  the scored tokens and their counts.
+  the scored vectors (the kind's `doc_vector_mask`: for ColBERT its scored tokens) and their counts.
 
   Documents are encoded longest first in batches of `batch_size` rows, each cut to a bucketed width;
   `on_batch(rows)` follows each batch.
   """
   tokens = encoder.tokenizer.encode_docs(list(texts))
   ids_NxL, mask_NxL = tokens["ids"], tokens["mask"]
-  keep_NxL = tokens.get("score_mask")
   order = np.argsort(-mask_NxL.sum(1), kind="stable")
   per_doc: list[np.ndarray | None] = [None] * len(texts)
   for start in range(0, len(texts), batch_size):
@@ -190,40 +180,22 @@ def encode_chunk(encoder: Encoder, texts: Sequence[str], batch_size: int,
     width = devices.width_bucket(int(mask_NxL[rows].sum(1).max()), ids_NxL.shape[1])
     vectors = encoder.encode("doc", devices.pad_rows(ids_NxL[rows, :width], batch_size),
                              devices.pad_rows(mask_NxL[rows, :width], batch_size))[:len(rows)]
+    keep_BxV = encoder.doc_vector_mask({name: array[rows, :width] for name, array in tokens.items()})
     for i, row in enumerate(rows):
-      per_doc[row] = vectors[i] if keep_NxL is None else vectors[i][keep_NxL[row, :width].astype(bool)]
+      per_doc[row] = vectors[i] if keep_BxV is None else vectors[i][np.asarray(keep_BxV[i], bool)]
     on_batch(len(rows))
-  if keep_NxL is None:
+  if not encoder.multi_vector:
     return np.stack(per_doc).astype(np.float32), None
   lengths = np.array([len(v) for v in per_doc], np.int32)
   return np.concatenate(per_doc).astype(np.float32, copy=False), lengths
 
 
-def _prepare(directory: pathlib.Path, manifest: dict) -> None:
-  """Process 0 discards chunks computed from another model, corpus or vector dtype, then writes the manifest."""
-  path = directory / MANIFEST
-  if path.exists() and json.loads(path.read_text()) == manifest:
-    return
-  stale = sorted(directory.glob("chunk_*.npy"))
-  if stale:
-    _log.info("%s: embeddings of another model, corpus or vector dtype; discarding %d files", directory,
-              len(stale))
-    for f in stale:
-      f.unlink()
-  tmp = path.with_name(f".{MANIFEST}.tmp")
-  tmp.write_text(json.dumps(manifest, indent=2))
-  os.replace(tmp, path)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def encode_corpus(encoder: Encoder, texts: Sequence[str], directory: str | os.PathLike, *,
-                  batch_size: int = 256, chunk_size: int = 16_384, vector_dtype: str = "float32") -> Store:
+                  batch_size: int = 256, chunk_size: int = 16_384, vector_dtype: str = "float32",
+                  rebuild: bool = False) -> Store:
   """Encodes (or resumes encoding) the documents into `directory`, storing the vectors as `vector_dtype`
-  (float32 | float16); returns the store over all of them."""
+  (float32 | float16); returns the store over all of them. Chunks of another model, corpus or settings there
+  are a ValueError, or with `rebuild` deleted (logged with the fields that differ)."""
   if vector_dtype not in VECTOR_DTYPES:
     raise ValueError(f"vector_dtype must be one of {VECTOR_DTYPES}, got {vector_dtype!r}")
   directory = pathlib.Path(directory)
@@ -238,33 +210,38 @@ def encode_corpus(encoder: Encoder, texts: Sequence[str], directory: str | os.Pa
   batch_size = devices.round_up(batch_size, encoder.mesh.size)
   manifest = {"fingerprint": encoder.fingerprint, "corpus": corpus_hash(texts), "num_docs": len(texts),
               "chunk_size": chunk_size, "kind": encoder.kind, "vector_dtype": vector_dtype}
-  if jax.process_index() == 0:
-    _prepare(directory, manifest)
-  _sync("retrieval-corpus-prepared")
-  chunks = range(jax.process_index(), -(-len(texts) // chunk_size), jax.process_count())
+  chunk_dir = io.ChunkDir(directory, manifest, chunk_glob="chunk_*.npy", done_name=_done_name(encoder.kind),
+                          remedy="give the corpus embeddings another directory")
+  chunk_dir.open(rebuild=rebuild)
+  n_chunks = -(-len(texts) // chunk_size)
+  done = chunk_dir.done(n_chunks)
+  chunks = range(jax.process_index(), n_chunks, jax.process_count())
   mine = sum(len(texts[c * chunk_size:(c + 1) * chunk_size]) for c in chunks)
-  todo = [c for c in chunks if not _done_file(directory, encoder.kind, c).exists()]
-  done = mine - sum(len(texts[c * chunk_size:(c + 1) * chunk_size]) for c in todo)
-  if done:
-    _log.info("%s: resuming, %d of this host's %d documents already encoded", directory, done, mine)
-  with tqdm.tqdm(total=mine, initial=done, desc="encode corpus", unit="doc", dynamic_ncols=True,
+  todo = [c for c in chunks if not done[c]]
+  encoded = mine - sum(len(texts[c * chunk_size:(c + 1) * chunk_size]) for c in todo)
+  if encoded:
+    _log.info("%s: resuming, %d of this host's %d documents already encoded", directory, encoded, mine)
+  with tqdm.tqdm(total=mine, initial=encoded, desc="encode corpus", unit="doc", dynamic_ncols=True,
                  disable=jax.process_index() != 0) as bar:
     for c in todo:
       chunk_texts = texts[c * chunk_size:(c + 1) * chunk_size]
       vectors, lengths = encode_chunk(encoder, chunk_texts, batch_size, bar.update)
-      _save_npy(directory / _VECTORS.format(c), vectors.astype(vector_dtype, copy=False))
+      io.save_npy(chunk_dir.path(_VECTORS, c), vectors.astype(vector_dtype, copy=False))
       if lengths is not None:
-        _save_npy(directory / _LENGTHS.format(c), lengths)
-  _sync("retrieval-corpus-encoded")
-  return open_store(directory)
+        io.save_npy(chunk_dir.path(_LENGTHS, c), lengths)
+  distributed.barrier("retrieval-corpus-encoded")
+  return open_embeddings(directory)
 
 
-def open_store(directory: str | os.PathLike) -> Store:
+def open_embeddings(directory: str | os.PathLike) -> Store:
   """The store of a completely encoded directory (vectors memory-mapped)."""
   directory = pathlib.Path(directory)
-  manifest = json.loads((directory / MANIFEST).read_text())
+  manifest = io.read_json(directory / MANIFEST)
+  if not isinstance(manifest, dict):
+    raise FileNotFoundError(f"{directory} holds no readable {MANIFEST}; encode the corpus there first")
   n_chunks = -(-manifest["num_docs"] // manifest["chunk_size"])
-  missing = [c for c in range(n_chunks) if not _done_file(directory, manifest["kind"], c).exists()]
+  done_name = _done_name(manifest["kind"])
+  missing = [c for c in range(n_chunks) if not (directory / done_name.format(c)).exists()]
   if missing:
     raise FileNotFoundError(f"{directory}: chunks {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; "
                             f"run the encoding again to complete them")
@@ -272,4 +249,4 @@ def open_store(directory: str | os.PathLike) -> Store:
   if not students.get(manifest["kind"]).multi_vector:
     return DenseStore(vectors)
   lengths = np.concatenate([np.load(directory / _LENGTHS.format(c)) for c in range(n_chunks)])
-  return TokenStore(vectors, lengths, manifest["chunk_size"])
+  return EmbeddingStore(vectors, lengths, manifest["chunk_size"])

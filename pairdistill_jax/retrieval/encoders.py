@@ -53,6 +53,7 @@ class Encoder:
 
   Attributes:
     kind: the student kind (students.registry), e.g. 'colbert' (token vectors) or 'dpr' (one vector per text).
+    student: that kind's `students.Student` (set from `kind`).
     module: the kind's Flax module.
     params: its parameters (numpy, or jax arrays of any sharding); replicated on the local devices.
     tokenizer: the matching tokenizer; its maxlens are the encoding lengths.
@@ -94,8 +95,12 @@ class Encoder:
 
   @property
   def multi_vector(self) -> bool:
-    """Token vectors scored by MaxSim (ColBERT), rather than one vector per text."""
+    """A set of vectors per text scored by MaxSim (ColBERT: one per token), rather than one vector per text."""
     return self.student.multi_vector
+
+  def doc_vector_mask(self, tokens: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Multi-vector: which document vectors of these token rows are scored (and stored), [N, V]; else None."""
+    return self.student.doc_vector_mask(self.module, tokens)
 
   def _doc_settings(self) -> dict[str, Any]:
     """The settings that change a document's vectors, and the tokenizer's identity."""
@@ -117,12 +122,12 @@ class Encoder:
     return np.asarray(self._encode(which, self.params, ids, mask))[:rows]
 
   def encode_queries(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Multi-vector (ColBERT): [Q, query_maxlen, dim] (all vectors, [MASK] augmentation included); single-vector
-    (DPR): [Q, dim].
+    """Multi-vector: [Q, V, dim], every vector the module gives for query_maxlen tokens (ColBERT: V =
+    query_maxlen, [MASK] augmentation included); single-vector (DPR): [Q, dim].
 
-    Batches are padded to one row count; single-vector batches are cut to a bucketed width (ColBERT queries
-    keep query_maxlen: every [MASK] position is scored). A progress bar shows on process 0 when there is more
-    than one batch.
+    Batches are padded to one row count; single-vector batches are cut to a bucketed width (multi-vector
+    queries keep query_maxlen: ColBERT scores every [MASK] position). A progress bar shows on process 0 when
+    there is more than one batch.
     """
     if not texts:
       raise ValueError("no queries to encode")

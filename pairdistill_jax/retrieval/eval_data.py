@@ -22,6 +22,7 @@ import ml_collections
 
 from pairdistill_jax import paths
 from pairdistill_jax.data import formats
+from pairdistill_jax.errors import ConfigError
 from pairdistill_jax.retrieval import corpus, metrics
 
 FORMATS = ("tsv", "beir")
@@ -41,20 +42,20 @@ class EvalData:
 
 
 def check_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the `eval.*` field to change."""
+  """Raises ConfigError naming the `eval.*` field to change."""
   if eval_cfg.format not in FORMATS:
-    raise ValueError(f"eval.format must be one of {FORMATS}, got {eval_cfg.format!r}")
+    raise ConfigError(f"eval.format must be one of {FORMATS}, got {eval_cfg.format!r}")
   needed = ("collection",) if eval_cfg.format == "beir" else ("collection", "queries", "qrels")
   for field in needed:
     if not eval_cfg[field]:
-      raise ValueError(f"eval.{field} is empty: set --config.eval.{field}=PATH")
+      raise ConfigError(f"eval.{field} is empty: set --config.eval.{field}=PATH")
   for field in ("k", "batch_size", "chunk_size", "nprobe", "faiss_depth"):
     if eval_cfg[field] < 1:
-      raise ValueError(f"eval.{field} must be >= 1, got {eval_cfg[field]}")
+      raise ConfigError(f"eval.{field} must be >= 1, got {eval_cfg[field]}")
   if eval_cfg.vector_dtype not in corpus.VECTOR_DTYPES:
-    raise ValueError(f"eval.vector_dtype must be one of {corpus.VECTOR_DTYPES}, got {eval_cfg.vector_dtype!r}")
+    raise ConfigError(f"eval.vector_dtype must be one of {corpus.VECTOR_DTYPES}, got {eval_cfg.vector_dtype!r}")
   if str(eval_cfg.drop_self).lower() not in DROP_SELF:
-    raise ValueError(f"eval.drop_self must be one of {tuple(DROP_SELF)}, got {eval_cfg.drop_self!r}")
+    raise ConfigError(f"eval.drop_self must be one of {tuple(DROP_SELF)}, got {eval_cfg.drop_self!r}")
   metrics.parse_metrics(eval_cfg.metrics)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import ml_collections
 
-from pairdistill_jax import paths, students
+from pairdistill_jax import io, paths, students
 from pairdistill_jax.convert.students import import_student
 from pairdistill_jax.data import formats
 from pairdistill_jax.data.tokenization import load_tokenizer
@@ -84,9 +84,8 @@ def evaluate(encoder: Encoder, data: eval_data.EvalData, eval_cfg: ml_collection
   values = metrics.compute_metrics(run, data.qrels, eval_cfg.metrics)
   seconds["total"] = time.perf_counter() - start
   result = EvalResult(values, encoder.name, len(data.qrels), len(data.collection), index, seconds, out_dir)
-  with formats.atomic_write(out_dir / METRICS_FILE) as f:
-    json.dump({"metrics": values, "model": encoder.name, "queries": result.num_queries,
-               "documents": result.num_docs, **settings, "seconds": seconds, "run": RUN_FILE}, f, indent=2)
+  io.write_json(out_dir / METRICS_FILE, {"metrics": values, "model": encoder.name, "queries": result.num_queries,
+                                         "documents": result.num_docs, **settings, "seconds": seconds, "run": RUN_FILE})
   return result
 
 

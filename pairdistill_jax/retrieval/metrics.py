@@ -1,4 +1,4 @@
-"""Retrieval metrics from ir-measures, with the conventions of DESIGN §2.7.
+"""Retrieval metrics from ir-measures, with the conventions of docs/design.md §2.7.
 
 * Every judged query (every query id in the qrels) counts in the mean, retrieved for or not: MS MARCO's
   MRR@10 divides by all judged queries, LoTTE's Success@5 by all questions.

@@ -38,7 +38,7 @@ def hits_to_run(qids: list[str], doc_ids: list[str], scores_QxK: np.ndarray, ids
 @dataclasses.dataclass
 class Retrieved:
   """The run as a stream of (qid, {docid: score}) (empty off process 0), the search settings
-  (`Searcher.settings`; off process 0 only the index kind), seconds per stage.
+  (`Searcher.settings`; off process 0 only the index type), seconds per stage.
 
   Iterating `run` encodes and searches the queries block by block; `seconds` fills in as it goes.
   """
@@ -56,9 +56,10 @@ def retrieve(encoder: Encoder, collection: Mapping[str, str], queries: Mapping[s
   so 800k training queries never sit in memory at once."""
   start = time.perf_counter()
   doc_ids = list(collection)
+  # rebuild: the corpus directory of a workdir holds the last evaluated (or mining) model's vectors
   store = corpus.encode_corpus(encoder, [collection[d] for d in doc_ids], corpus_dir,
                                batch_size=search_cfg.batch_size, chunk_size=search_cfg.chunk_size,
-                               vector_dtype=search_cfg.vector_dtype)
+                               vector_dtype=search_cfg.vector_dtype, rebuild=True)
   options = _search_options(search_cfg)
   seconds = {"encode_corpus": time.perf_counter() - start}
   if jax.process_index() != 0:

@@ -25,7 +25,7 @@ import tqdm
 from pairdistill_jax import sharding
 from pairdistill_jax.models import scoring
 from pairdistill_jax.retrieval import devices, faiss_index
-from pairdistill_jax.retrieval.corpus import DenseStore, Store, TokenStore
+from pairdistill_jax.retrieval.corpus import DenseStore, EmbeddingStore, Store
 
 Hits = tuple[np.ndarray, np.ndarray]
 _SIM_BUDGET = 1 << 25  # query-token x doc-token similarities per device and step
@@ -48,17 +48,17 @@ class SearchOptions:
   train_size: int = 0  # IVF-PQ training vectors; 0: 64 per list (at least 5% of the corpus)
 
   def resolve(self, store: Store) -> str:
-    """The concrete index kind for `store`."""
+    """The concrete index type for `store`."""
     if isinstance(store, DenseStore):
       allowed, auto = ("flat", "ivfpq"), "flat"
     else:
       allowed = ("exact", "ivfpq")
       auto = "exact" if store.num_tokens <= self.exact_max_tokens else "ivfpq"
-    kind = auto if self.index == "auto" else self.index
-    if kind not in allowed:
+    index_type = auto if self.index == "auto" else self.index
+    if index_type not in allowed:
       raise ValueError(f"index {self.index!r} does not apply to a {type(store).__name__}; use one of "
                        f"{('auto',) + allowed}")
-    return kind
+    return index_type
 
 
 class Searcher:
@@ -66,19 +66,19 @@ class Searcher:
 
   def __init__(self, store: Store, options: SearchOptions = SearchOptions(), mesh: jax.sharding.Mesh | None = None):
     self.store, self.options = store, options
-    self.kind = options.resolve(store)
+    self.index_type = options.resolve(store)
     self.mesh = mesh or devices.local_mesh()
-    _log.info("Search: %s over %d documents", self.kind, store.num_docs)
+    _log.info("Search: %s over %d documents", self.index_type, store.num_docs)
     self.index = None
     if isinstance(store, DenseStore):
-      self.index = _ivfpq_index(store, store.num_docs, options) if self.kind == "ivfpq" else _flat_index(store)
-    elif self.kind == "ivfpq":
+      self.index = _ivfpq_index(store, store.num_docs, options) if self.index_type == "ivfpq" else _flat_index(store)
+    elif self.index_type == "ivfpq":
       self.index = _ivfpq_index(store, store.num_tokens, options)
 
   def settings(self) -> dict[str, Any]:
-    """What changes the results besides the vectors: the index kind and parameters, the stored vector dtype."""
-    settings = {"index": self.kind, "vector_dtype": str(self.store.chunks[0].dtype)}
-    if self.kind != "ivfpq":
+    """What changes the results besides the vectors: the index type and parameters, the stored vector dtype."""
+    settings = {"index": self.index_type, "vector_dtype": str(self.store.chunks[0].dtype)}
+    if self.index_type != "ivfpq":
       return settings
     if isinstance(self.store, DenseStore):
       return {**settings, **_ivfpq_params(self.options, self.store.num_docs, self.store.dim)}
@@ -89,7 +89,7 @@ class Searcher:
     """The top-k documents of each query: DPR queries [Q, dim], ColBERT queries [Q, Lq, dim]."""
     if isinstance(self.store, DenseStore):
       return faiss_index.search(self.index, queries, k)
-    if self.kind == "exact":
+    if self.index_type == "exact":
       return maxsim_exact(queries, self.store, k, self.mesh)
     return maxsim_ivfpq(queries, self.store, k, self.mesh, self.options, self.index)
 
@@ -154,7 +154,7 @@ def _doc_block(n_queries: int, query_len: int, width: int, n_docs: int, mesh_siz
   return min(per_device * mesh_size, devices.round_up(n_docs, mesh_size))
 
 
-def maxsim_exact(q_QxLxD: np.ndarray, store: TokenStore, k: int, mesh: jax.sharding.Mesh) -> Hits:
+def maxsim_exact(q_QxLxD: np.ndarray, store: EmbeddingStore, k: int, mesh: jax.sharding.Mesh) -> Hits:
   """Exact MaxSim of every query against every document; document blocks split over the devices."""
   n_queries, query_len, _ = q_QxLxD.shape
   k = min(k, store.num_docs)
@@ -183,7 +183,7 @@ def _rerank_step(q_1xLxD, d_MxWxD, d_mask_MxW):
   return maxsim_float32(q_1xLxD, d_MxWxD, d_mask_MxW)[0]
 
 
-def _rerank(q_LxD: np.ndarray, candidates: np.ndarray, store: TokenStore, width: int,
+def _rerank(q_LxD: np.ndarray, candidates: np.ndarray, store: EmbeddingStore, width: int,
             mesh: jax.sharding.Mesh) -> np.ndarray:
   """Exact MaxSim of one query against its candidate documents, in fixed-size blocks on the devices."""
   block = devices.round_up(next((b for b in _RERANK_BLOCKS if b >= len(candidates)), _RERANK_BLOCKS[-1]),
@@ -198,7 +198,7 @@ def _rerank(q_LxD: np.ndarray, candidates: np.ndarray, store: TokenStore, width:
   return np.concatenate(scores)
 
 
-def maxsim_ivfpq(q_QxLxD: np.ndarray, store: TokenStore, k: int, mesh: jax.sharding.Mesh,
+def maxsim_ivfpq(q_QxLxD: np.ndarray, store: EmbeddingStore, k: int, mesh: jax.sharding.Mesh,
                  options: SearchOptions, index=None) -> Hits:
   """ColBERTv1 end-to-end retrieval: token-level IVF-PQ candidates, then exact MaxSim re-ranking.
 

@@ -61,7 +61,9 @@ class DPR(nn.Module):
   attention: str = "auto"
 
   def setup(self):
-    make = lambda: BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat, attention=self.attention)
+    def make():
+      return BertEncoder(self.bert_config, dtype=self.dtype, remat=self.remat, attention=self.attention)
+
     if self.shared_towers:
       self.encoder = make()
     else:

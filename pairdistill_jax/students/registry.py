@@ -2,9 +2,14 @@
 
 A student kind is one module: a `Student` subclass that says everything in which kinds differ (its Flax
 module, tokenizer, loss, weight import and export, retrieval settings, FLOPs, config checks), registered with
-`register`. students/colbert.py and students/dpr.py are the built-in kinds, imported when first asked for (so
-this module stays in the lowest layer: config validation and the data readers ask it too); a kind defined
-elsewhere (e.g. in a config file, which the CLI loads before anything else) is used once registered.
+`register`. students/colbert.py and students/dpr.py are the built-in kinds, imported by name when first asked
+for (BUILT_IN_MODULES: so this module stays in a low layer, where config validation and the data readers ask
+it too; tests/test_layers.py reads that table as this module's run-time imports); a kind defined elsewhere
+(e.g. in a config file, which the CLI loads before anything else) is used once registered.
+
+Retrieval knows two scoring families, which `Student.multi_vector` chooses between: one vector per text
+(dot product, FAISS) or a set of vectors per text (MaxSim), whose document vectors that count are
+`Student.doc_vector_mask`'s.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import abc
 import importlib
 import pathlib
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import jax.numpy as jnp
 import ml_collections
@@ -28,14 +33,38 @@ if TYPE_CHECKING:
   from pairdistill_jax.models.bert import BertConfig
 
 Batch = Mapping[str, "jax.Array"]
-BUILT_IN = ("colbert", "dpr")  # modules of this package, imported on first use
+# The built-in kinds and their modules, imported by `get` on first use (the only imports made by name).
+BUILT_IN_MODULES = {"colbert": f"{__package__}.colbert", "dpr": f"{__package__}.dpr"}
+
+
+@runtime_checkable
+class StudentTokenizer(Protocol):
+  """What a kind's tokenizer provides (data.tokenization's ColBERTTokenizer and DPRTokenizer are two).
+
+  Token arrays are int32 numpy, one row per text, each row's mask a prefix of 1s (the stores keep lengths).
+  """
+
+  tokenizer: Any  # the HF fast tokenizer it wraps (its vocabulary keys the token stores)
+  query_maxlen: int
+  doc_maxlen: int
+
+  def encode_queries(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """{'ids', 'mask'}: rows of exactly `query_maxlen` tokens."""
+
+  def encode_docs(self, texts: Sequence[str], length: int | None = None) -> dict[str, np.ndarray]:
+    """{'ids', 'mask'} and optionally 'score_mask' (the tokens MaxSim scores): rows `length` (default
+    `doc_maxlen`) wide, texts truncated to `doc_maxlen` tokens."""
+
+  def score_skip_table(self) -> np.ndarray | None:
+    """A vocabulary-sized bool table of the token ids that 'score_mask' drops (pre-tokenised batches rebuild
+    the score mask with it), or None when documents have no score mask."""
 
 
 class Student(abc.ABC):
   """What a student kind provides. Its module exposes `encode_query(ids, mask)` and `encode_doc(ids, mask)`."""
 
   kind: ClassVar[str]  # the value of config.model.kind
-  multi_vector: ClassVar[bool]  # token vectors scored by MaxSim, rather than one vector per text
+  multi_vector: ClassVar[bool]  # a set of vectors per text scored by MaxSim, rather than one vector per text
   title_separator: ClassVar[str]  # what joins a passage's title and text under data.title_separator='auto'
 
   # ------------------------------------------------------------------------------ config and model
@@ -50,10 +79,8 @@ class Student(abc.ABC):
 
   @abc.abstractmethod
   def tokenizer(self, hf_tokenizer: Any, model_config: ml_collections.ConfigDict, *, query_maxlen: int,
-                doc_maxlen: int) -> Any:
-    """The tokenizer over `hf_tokenizer` that makes this kind's query and document tokens: like those of
-    data.tokenization, it has `tokenizer`, `query_maxlen`, `doc_maxlen`, `encode_queries(texts)`,
-    `encode_docs(texts, length=None)` and `score_skip_table()` (the token ids MaxSim skips, or None)."""
+                doc_maxlen: int) -> StudentTokenizer:
+    """The tokenizer over `hf_tokenizer` that makes this kind's query and document tokens."""
 
   @abc.abstractmethod
   def describe(self, model_config: ml_collections.ConfigDict) -> str:
@@ -95,8 +122,16 @@ class Student(abc.ABC):
     return False
 
   @abc.abstractmethod
-  def encoder_settings(self, module: nn.Module, tokenizer: Any, normalize: bool) -> dict[str, Any]:
+  def encoder_settings(self, module: nn.Module, tokenizer: StudentTokenizer, normalize: bool) -> dict[str, Any]:
     """What besides the weights changes the vectors: 'normalize' (unit length) and this kind's fields."""
+
+  def doc_vector_mask(self, module: nn.Module, tokens: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Which of `module`'s document vectors MaxSim scores (1) and which the corpus store drops (0), [N, V], for
+    the token rows `tokens` ({'ids', 'mask'[, 'score_mask']} [N, L]) they were encoded from; None for a
+    single-vector kind. The default is one vector per token: the tokenizer's score_mask, else its mask."""
+    if not self.multi_vector:
+      return None
+    return tokens.get("score_mask", tokens["mask"])
 
   # ------------------------------------------------------------------------------------------ cost
 
@@ -137,13 +172,13 @@ def register(student: Student) -> Student:
 
 
 def kinds() -> tuple[str, ...]:
-  return tuple(sorted(set(_KINDS) | set(BUILT_IN)))
+  return tuple(sorted(set(_KINDS) | set(BUILT_IN_MODULES)))
 
 
 def get(kind: str) -> Student:
   """The registered kind `kind` (a built-in one is imported first); a ConfigError names the known ones."""
-  if kind not in _KINDS and kind in BUILT_IN:
-    importlib.import_module(f"{__package__}.{kind}")
+  if kind not in _KINDS and kind in BUILT_IN_MODULES:
+    importlib.import_module(BUILT_IN_MODULES[kind])
   if kind not in _KINDS:
     raise ConfigError(f"model.kind={kind!r} is not a registered student kind ({', '.join(kinds())}); a kind "
                       f"defined outside the package registers when its module (e.g. the config file) is loaded")

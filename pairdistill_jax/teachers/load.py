@@ -1,4 +1,4 @@
-"""Teachers from `config.teacher.pointwise` / `.pairwise`: local weights -> `runner.Teacher`.
+"""Teachers from `config.teacher.pointwise` / `.pairwise`: local weights -> `batched_scoring.Teacher`.
 
   pointwise  cross_encoder  BertForSequenceClassification: 1 label -> its logit (ms-marco-MiniLM-L-6-v2);
                             2 labels -> log-softmax of label 1 (monoBERT)
@@ -30,10 +30,10 @@ from pairdistill_jax.models.cross_encoder import CrossEncoder
 from pairdistill_jax.models.t5 import T5Scorer
 from pairdistill_jax.retrieval.encoders import Encoder
 from pairdistill_jax.teachers import inputs
-from pairdistill_jax.teachers.runner import Teacher
+from pairdistill_jax.teachers.batched_scoring import Teacher
 
-POINTWISE_KINDS = ("cross_encoder", "monot5", "retriever")
-PAIRWISE_KINDS = ("duot5", "duobert", "pointwise", "none")  # pointwise: log σ(t_i − t_j) of the pointwise teacher
+POINTWISE_SCORERS = ("cross_encoder", "monot5", "retriever")
+PAIRWISE_SCORERS = ("duot5", "duobert", "pointwise", "none")  # pointwise: log σ(t_i − t_j) of the pointwise teacher
 
 
 def _model_dir(cfg: ml_collections.ConfigDict, role: str) -> pathlib.Path:
@@ -142,25 +142,25 @@ def check_model_dirs(teacher_cfg: ml_collections.ConfigDict) -> None:
   hours of mining and scoring)."""
   for role in ("pointwise", "pairwise"):
     cfg = teacher_cfg[role]
-    if cfg.kind in _NEEDS_MODEL or (cfg.kind == "retriever" and cfg.model):
+    if cfg.scorer in _NEEDS_MODEL or (cfg.scorer == "retriever" and cfg.model):
       _model_dir(cfg, role)
 
 
 def load(cfg: ml_collections.ConfigDict, role: str,
          student: Callable[..., Encoder] | None = None) -> Teacher | RetrieverTeacher:
   """The teacher of `config.teacher.<role>`; `student(cfg)` builds the Encoder of a retriever teacher."""
-  kinds = POINTWISE_KINDS if role == "pointwise" else PAIRWISE_KINDS
-  if cfg.kind not in kinds:
-    raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {cfg.kind!r}")
+  scorers = POINTWISE_SCORERS if role == "pointwise" else PAIRWISE_SCORERS
+  if cfg.scorer not in scorers:
+    raise ValueError(f"teacher.{role}.scorer must be one of {scorers}, got {cfg.scorer!r}")
   if cfg.dtype not in COMPUTE_DTYPES:
     raise ValueError(f"teacher.{role}.dtype must be one of {COMPUTE_DTYPES}, got {cfg.dtype!r}")
-  if cfg.kind in ("cross_encoder", "duobert"):
+  if cfg.scorer in ("cross_encoder", "duobert"):
     return cross_encoder(cfg, role)
-  if cfg.kind in ("monot5", "duot5"):
+  if cfg.scorer in ("monot5", "duot5"):
     return t5(cfg, role)
-  if cfg.kind == "retriever":
+  if cfg.scorer == "retriever":
     if student is None:
-      raise ValueError(f"teacher.{role}.kind='retriever' needs a student factory (run it through --mode=score)")
+      raise ValueError(f"teacher.{role}.scorer='retriever' needs a student factory (run it through --mode=score)")
     encoder = student(cfg)
     return RetrieverTeacher(encoder, pointwise_scale(cfg, encoder))
-  raise ValueError(f"teacher.{role}.kind={cfg.kind!r} has no model")
+  raise ValueError(f"teacher.{role}.scorer={cfg.scorer!r} has no model")

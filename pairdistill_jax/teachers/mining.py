@@ -9,7 +9,6 @@ MINE_DIR/corpus (resumable); the run is skipped when the one on disk came from t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import shutil
@@ -18,7 +17,7 @@ import time
 import jax
 import ml_collections
 
-from pairdistill_jax import checkpoint, config_lib, distributed, paths
+from pairdistill_jax import checkpoint, config_lib, distributed, io, paths
 from pairdistill_jax.data import formats
 from pairdistill_jax.retrieval import encoders, retrieve
 from pairdistill_jax.retrieval.encoders import Encoder
@@ -37,7 +36,7 @@ def corpus_location(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 def keeps_corpus(config: ml_collections.ConfigDict) -> bool:
   """mine.keep_corpus, or a retriever teacher that is the mining model and will reuse the vectors."""
   pointwise = config.teacher.pointwise
-  return config.mine.keep_corpus or (pointwise.kind == "retriever" and not pointwise.model)
+  return config.mine.keep_corpus or (pointwise.scorer == "retriever" and not pointwise.model)
 
 
 @dataclasses.dataclass
@@ -88,7 +87,7 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
               "collection_read": collection_source.settings(), "query_maxlen": encoder.tokenizer.query_maxlen,
               **{k: mine_cfg[k]
                  for k in ("k", "index", "nprobe", "faiss_depth", "exact_max_tokens", "vector_dtype")}}
-  if distributed.process_0_decides(formats.read_record(formats.sidecar(out)) == settings and out.exists()):
+  if distributed.process_0_decides(io.read_json(io.sidecar(out)) == settings and out.exists()):
     _log.info("Mining: %s is up to date (same model and settings); skipped", out)
     return Mined(out, -1, -1, encoder.name, 0.0, skipped=True)
   collection, queries = collection_source.read(), queries_source.read()
@@ -100,8 +99,7 @@ def mine(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quer
   if jax.process_index() == 0:
     out.parent.mkdir(parents=True, exist_ok=True)
     formats.write_run(out, retrieved.run, tag="pairdistill-mine")
-    with formats.atomic_write(formats.sidecar(out)) as f:
-      json.dump(settings, f, indent=2)
+    io.write_json(io.sidecar(out), settings)
   distributed.barrier("mined run written")
   if keeps_corpus(config):
     _log.info("Keeping %s for the retriever teacher (scoring deletes it unless mine.keep_corpus)", corpus_dir)

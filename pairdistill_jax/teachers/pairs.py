@@ -1,4 +1,4 @@
-"""Pair selection (DESIGN §2.6): which passages of a pointwise-sorted list the pairwise teacher compares.
+"""Pair selection (docs/design.md §2.6): which passages of a pointwise-sorted list the pairwise teacher compares.
 
 Candidates are the pairs (i, j) of the top `topk` with i < j <= i + max_distance; `n_pairs` of them are
 sampled without replacement. The random stream of a query depends only on (seed, qid), so the selection is

@@ -63,7 +63,9 @@ class RetrieverScorer:
       _log.info("Teacher %s: encoding the collection once into %s", encoder.name, own_dir)
       self.corpus_dir = own_dir
       settings = dict(chunk_size=16_384, vector_dtype="float32")
-    self.store = corpus.encode_corpus(encoder, texts, self.corpus_dir, batch_size=batch_size, **settings)
+    # rebuild: the teacher's own directory may hold an earlier teacher's vectors
+    self.store = corpus.encode_corpus(encoder, texts, self.corpus_dir, batch_size=batch_size, rebuild=True,
+                                      **settings)
     self.items_scored, self.seconds = 0, 0.0
 
   def score(self, query_texts: Sequence[str], candidates: Sequence[Sequence[str]],

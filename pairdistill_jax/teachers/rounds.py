@@ -53,7 +53,7 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
   if count < 1:
     raise config_lib.ConfigError(f"rounds.count must be >= 1, got {count}")
   score.check_teacher_config(config.teacher)  # before any training, mining or scoring
-  if config.teacher.pairwise.kind != "none" and config.teacher.n_pairs > config.data.max_pairs:
+  if config.teacher.pairwise.scorer != "none" and config.teacher.n_pairs > config.data.max_pairs:
     raise config_lib.ConfigError(
         f"teacher.n_pairs={config.teacher.n_pairs} pairs per scored line exceed data.max_pairs="
         f"{config.data.max_pairs} that training takes: raise --config.data.max_pairs or lower teacher.n_pairs")

@@ -1,4 +1,4 @@
-"""--mode=score: teacher scores for a run, written as PairDistill training lines (DESIGN §2.3, §2.6).
+"""--mode=score: teacher scores for a run, written as PairDistill training lines (docs/design.md §2.3, §2.6).
 
 For each query of the run (in the run's order): the pointwise teacher scores its top `top_n` passages; the
 best `nway` by that score (ties: run order) become the line's entries; pairs are selected among its top
@@ -16,7 +16,6 @@ import logging
 import pathlib
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -24,16 +23,16 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from pairdistill_jax import config_lib, distributed, paths, sharding
-from pairdistill_jax.data import formats, store
+from pairdistill_jax import config_lib, distributed, io, paths, sharding
+from pairdistill_jax.data import array_cache, formats
 from pairdistill_jax.retrieval import metrics
 from pairdistill_jax.teachers import load, mining, pairs
 from pairdistill_jax.teachers.retriever import RetrieverScorer
-from pairdistill_jax.teachers.runner import ShardedScorer, Teacher, teacher_mesh
+from pairdistill_jax.teachers.batched_scoring import ShardedScorer, Teacher, teacher_mesh
 
 CHUNKS_SUFFIX = ".chunks"
+CHUNK_NAME = "{:06d}.jsonl"  # OUTPUT.chunks/CHUNK_NAME: the training lines of one chunk of queries
 TEACHER_CORPUS_DIR = "teacher_corpus"  # a retriever teacher's collection vectors, beside the output
-MANIFEST = "manifest.json"
 
 _log = logging.getLogger(__name__)
 
@@ -50,33 +49,33 @@ class Scored:
 
 
 def check_teacher_config(teacher_cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the `teacher.*` field to change."""
+  """Raises ConfigError naming the `teacher.*` field to change."""
   for field in ("top_n", "nway", "topk", "max_distance", "chunk_queries", "bucket_multiple"):
     if teacher_cfg[field] < 1:
-      raise ValueError(f"teacher.{field} must be >= 1, got {teacher_cfg[field]}")
+      raise config_lib.ConfigError(f"teacher.{field} must be >= 1, got {teacher_cfg[field]}")
   if teacher_cfg.n_pairs < 0:
-    raise ValueError(f"teacher.n_pairs must be >= 0, got {teacher_cfg.n_pairs}")
+    raise config_lib.ConfigError(f"teacher.n_pairs must be >= 0, got {teacher_cfg.n_pairs}")
   if teacher_cfg.nway > teacher_cfg.top_n:
-    raise ValueError(f"teacher.nway={teacher_cfg.nway} exceeds teacher.top_n={teacher_cfg.top_n}: the lines keep "
-                     f"the best nway of the top_n scored passages")
-  for role, kinds in (("pointwise", load.POINTWISE_KINDS), ("pairwise", load.PAIRWISE_KINDS)):
-    if teacher_cfg[role].kind not in kinds:
-      raise ValueError(f"teacher.{role}.kind must be one of {kinds}, got {teacher_cfg[role].kind!r}")
+    raise config_lib.ConfigError(f"teacher.nway={teacher_cfg.nway} exceeds teacher.top_n={teacher_cfg.top_n}: the "
+                                 f"lines keep the best nway of the top_n scored passages")
+  for role, scorers in (("pointwise", load.POINTWISE_SCORERS), ("pairwise", load.PAIRWISE_SCORERS)):
+    if teacher_cfg[role].scorer not in scorers:
+      raise config_lib.ConfigError(f"teacher.{role}.scorer must be one of {scorers}, got {teacher_cfg[role].scorer!r}")
     if teacher_cfg[role].batch_per_device < 1:
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"teacher.{role}.batch_per_device must be >= 1, got {teacher_cfg[role].batch_per_device}")
 
 
 def settings(teacher_cfg: ml_collections.ConfigDict, run_path: pathlib.Path, queries: formats.TextSource,
              collection: formats.TextSource, pointwise: Teacher | load.RetrieverTeacher, tensor: int) -> dict:
   """What the output depends on; chunks of other settings are never mixed into it."""
-  roles = {role: {k: teacher_cfg[role][k] for k in ("kind", "model", "tokenizer", "max_length", "dtype")}
+  roles = {role: {k: teacher_cfg[role][k] for k in ("scorer", "model", "tokenizer", "max_length", "dtype")}
            for role in ("pointwise", "pairwise")}
   roles["pointwise"].update(resolved=pointwise.name, scale=_scale(teacher_cfg, pointwise))
   # Not batch_per_device (a restart after running out of memory may lower it) nor the data/fsdp axes: rows
   # are scored independently. A tensor axis splits the sums inside each row, so its size is recorded.
-  return {"run": str(run_path), "run_sha256": store.file_identity(run_path)["sha256"], "queries": str(queries.path),
-          "collection": str(collection.path), "queries_read": queries.settings(),
+  return {"run": str(run_path), "run_sha256": array_cache.file_identity(run_path)["sha256"],
+          "queries": str(queries.path), "collection": str(collection.path), "queries_read": queries.settings(),
           "collection_read": collection.settings(), **roles, "mesh_tensor": tensor,
           **{k: teacher_cfg[k] for k in ("top_n", "nway", "topk", "max_distance", "n_pairs", "seed",
                                          "chunk_queries", "bucket_multiple")}}
@@ -120,30 +119,10 @@ def _chunks(run_path: pathlib.Path, top_n: int, size: int) -> Iterator[list[tupl
     yield chunk
 
 
-def _chunk_path(directory: pathlib.Path, index: int) -> pathlib.Path:
-  return directory / f"{index:06d}.jsonl"
-
-
-def _done_chunks(directory: pathlib.Path, count: int) -> np.ndarray:
-  """Which chunks are on disk, as process 0 sees them (the same answer on every process)."""
-  done = np.array([_chunk_path(directory, i).exists() for i in range(count)], dtype=np.int32)
-  return distributed.from_process_0(done).astype(bool)
-
-
-def _prepare_chunks(directory: pathlib.Path, manifest: dict) -> None:
-  """Makes `directory` hold chunks of these settings only; refuses (on every process) chunks of others."""
-  old = formats.read_record(directory / MANIFEST) if jax.process_index() == 0 else None
-  if distributed.process_0_decides(old is not None and old != manifest):
-    changed = sorted(k for k in manifest.keys() | (old or {}).keys() if (old or {}).get(k) != manifest.get(k))
-    raise ValueError(f"{directory} holds chunks scored with other settings (differing: "
-                     f"{', '.join(changed) or 'see its manifest.json'}); delete it to start over, or set "
-                     f"--config.teacher.output elsewhere")
-  if jax.process_index() == 0 and old is None:
-    shutil.rmtree(directory, ignore_errors=True)  # chunks without a manifest (an interrupted clean-up) are stale
-    directory.mkdir(parents=True)
-    with formats.atomic_write(directory / MANIFEST) as f:
-      json.dump(manifest, f, indent=2)
-  distributed.barrier("score chunks prepared")
+def _chunk_dir(out: pathlib.Path, manifest: dict) -> io.ChunkDir:
+  """OUTPUT.chunks: the finished chunks of the output's queries (see the module docstring)."""
+  return io.ChunkDir(out.with_name(out.name + CHUNKS_SUFFIX), manifest, chunk_glob="*.jsonl", done_name=CHUNK_NAME,
+                     remedy="set --config.teacher.output elsewhere")
 
 
 class _TeacherScorers:
@@ -188,7 +167,7 @@ def _score_chunk(chunk: Sequence[tuple[str, list[str]]], queries, collection, sc
     order = np.argsort(-scores, kind="stable")[:teacher_cfg.nway]
     selected = pairs.select_pairs(
         qid, len(order), topk=teacher_cfg.topk, max_distance=teacher_cfg.max_distance, n_pairs=teacher_cfg.n_pairs,
-        seed=teacher_cfg.seed) if teacher_cfg.pairwise.kind != "none" else []
+        seed=teacher_cfg.seed) if teacher_cfg.pairwise.scorer != "none" else []
     lines.append((qid, [pids[o] for o in order], scores[order], selected))
   logps = _pair_log_probs(lines, queries, collection, scorers)
   examples, offset = [], 0
@@ -234,25 +213,25 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   mesh = teacher_mesh(teacher_cfg, devices)
   pointwise = load.load(teacher_cfg.pointwise, "pointwise", student)
   manifest = settings(teacher_cfg, run_path, queries_source, collection_source, pointwise, mesh.shape["tensor"])
-  recorded = formats.read_record(formats.sidecar(out)) or {}
+  recorded = io.read_json(io.sidecar(out)) or {}
   if distributed.process_0_decides(out.exists() and recorded.get("settings") == manifest):
     _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
     return Scored(out, -1, -1, 0.0, 0.0, 0.0, skipped=True)
   queries, collection = queries_source.read(), collection_source.read()
   n_queries, n_passages = _count_and_check(run_path, queries, collection, queries_path, collection_path,
                                            teacher_cfg.top_n)
-  pairwise = (None if teacher_cfg.pairwise.kind in ("none", "pointwise")
+  pairwise = (None if teacher_cfg.pairwise.scorer in ("none", "pointwise")
               else load.load(teacher_cfg.pairwise, "pairwise"))
   corpus_dirs = (mining.corpus_location(config, workdir, run_path), out.parent / TEACHER_CORPUS_DIR)
   scorers = _TeacherScorers(teacher_cfg, pointwise, pairwise, mesh, sharding.rules(config), collection=collection,
                             corpus_dirs=corpus_dirs)
 
-  chunk_dir = out.with_name(out.name + CHUNKS_SUFFIX)
-  _prepare_chunks(chunk_dir, manifest)
+  chunk_dir = _chunk_dir(out, manifest)
+  chunk_dir.open()
   n_chunks = -(-n_queries // teacher_cfg.chunk_queries)
-  done = _done_chunks(chunk_dir, n_chunks)
+  done = chunk_dir.done(n_chunks)
   _log.info("Scoring %d queries of %s with %s and %s on mesh %s: %d chunks, %d already done", n_queries,
-            run_path, pointwise.name, pairwise.name if pairwise else f"pairwise={teacher_cfg.pairwise.kind}",
+            run_path, pointwise.name, pairwise.name if pairwise else f"pairwise={teacher_cfg.pairwise.scorer}",
             dict(mesh.shape), n_chunks, int(done.sum()))
   bar = tqdm.tqdm(total=n_passages, unit="passage", disable=jax.process_index() != 0, desc="score",
                   dynamic_ncols=True)
@@ -260,7 +239,7 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
     if not done[index]:
       examples = _score_chunk(chunk, queries, collection, scorers, teacher_cfg, bar.update)
       if jax.process_index() == 0:
-        formats.write_training_lines(_chunk_path(chunk_dir, index), examples)
+        formats.write_training_lines(chunk_dir.path(CHUNK_NAME, index), examples)
       bar.set_postfix(_rates(scorers), refresh=False)
     else:
       bar.update(sum(len(pids) for _, pids in chunk))
@@ -289,20 +268,17 @@ def _rates(scorers: _TeacherScorers) -> dict[str, float]:
   return rates
 
 
-def _join_chunks(chunk_dir: pathlib.Path, n_chunks: int, out: pathlib.Path, manifest: dict) -> int:
+def _join_chunks(chunk_dir: io.ChunkDir, n_chunks: int, out: pathlib.Path, manifest: dict) -> int:
   """Concatenates the chunks into `out` (process 0), records the settings, removes the chunks; the pair count."""
   num_pairs = 0
   if jax.process_index() == 0:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with formats.atomic_write(out) as f:
+    with io.atomic_write(out) as f:
       for index in range(n_chunks):
-        text = _chunk_path(chunk_dir, index).read_text(encoding="utf-8")
+        text = chunk_dir.path(CHUNK_NAME, index).read_text(encoding="utf-8")
         num_pairs += sum(len(entry[2]) for line in text.splitlines() for entry in json.loads(line)[1:])
         f.write(text)
-    with formats.atomic_write(formats.sidecar(out)) as f:
-      json.dump({"settings": manifest, "pairs": num_pairs}, f, indent=2)
-    trash = chunk_dir.with_name(f".{chunk_dir.name}.{uuid.uuid4().hex}.deleted")
-    chunk_dir.rename(trash)  # atomic: no half-deleted chunk directory is ever seen again
-    shutil.rmtree(trash)
+    io.write_json(io.sidecar(out), {"settings": manifest, "pairs": num_pairs})
+    chunk_dir.remove()
   distributed.barrier("scored lines written")
   return num_pairs

@@ -1,4 +1,5 @@
-"""WORKDIR/metrics.jsonl and TensorBoard: one record per logging window, exactly once per step across resumes.
+"""WORKDIR/metrics.jsonl and TensorBoard: one record per logging window, exactly once per step across resumes
+(`MetricsLog`), and the window in progress (`MetricWindow`).
 
 Each train record holds the window means of the step metrics, `window_steps` (how many steps it averages) and,
 when it holds fewer than `train.log_every` steps (cut by a checkpoint, a preemption or the last step),
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 
+import numpy as np
 import tensorboardX
 
-from pairdistill_jax.data import formats
+from pairdistill_jax import io
 from pairdistill_jax.paths import METRICS_FILE, TENSORBOARD_DIR
 
 
@@ -49,7 +52,7 @@ class MetricsLog:
     path = workdir / METRICS_FILE
     kept = _kept_records(path, start_step)
     self.history = [r for r in kept if _is_train(r)]
-    with formats.atomic_write(path) as f:
+    with io.atomic_write(path) as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     self._jsonl = open(path, "a")
     self._tb = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1)
@@ -75,3 +78,31 @@ class MetricsLog:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+class MetricWindow:
+  """The step metrics of the logging window in progress and when it began."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.steps: list[dict[str, float]] = []
+    self.started = time.perf_counter()
+
+  def add(self, metrics: dict[str, float], tokens: int) -> None:
+    """One step's metrics (host floats) and the number of real tokens in its batch."""
+    self.steps.append(dict(metrics, tokens=tokens))
+
+  def __len__(self) -> int:
+    return len(self.steps)
+
+  def record(self) -> dict[str, float]:
+    """The window's record: the mean of each metric, step time, queries/s, tokens/s and `window_steps`."""
+    elapsed = time.perf_counter() - self.started
+    record = {k: float(np.mean([s[k] for s in self.steps])) for k in self.steps[0] if k != "tokens"}
+    record.update(step_time=elapsed / len(self.steps), queries_per_s=len(self.steps) * self.batch_size / elapsed,
+                  tokens_per_s=sum(s["tokens"] for s in self.steps) / elapsed, window_steps=len(self.steps))
+    return record
+
+  def restart(self) -> None:
+    """Starts the next window, now."""
+    self.steps, self.started = [], time.perf_counter()

@@ -22,13 +22,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pairdistill_jax import config_lib, sharding, students
 from pairdistill_jax.bench import flops as flops_lib
-from pairdistill_jax.bench import hlo, measure
+from pairdistill_jax.bench import hlo, machine, measure
+from pairdistill_jax.bench import memory as memory_lib
 from pairdistill_jax.bench import teacher as teacher_bench
 from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train.step import make_train_step
 
-WHAT = ("train", "encode", "scaling", "teacher")  # teacher: bench/teacher.py
+WHAT = ("train", "encode", "scaling", "memory", "teacher")  # memory: bench/memory.py; teacher: bench/teacher.py
 _DEFAULT_VOCAB = 30522  # bert-base's, for configs whose vocab_size is the demo's placeholder 0
 _MiB = 2**20
 
@@ -41,7 +42,7 @@ def bert_config(config: ml_collections.ConfigDict) -> BertConfig:
 
 def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
   """`batch_size` rows in the training layout (data.batching): random tokens, full-length passages, queries
-  half [MASK] padding, `max_pairs` pairs per query, and what the kind adds (ColBERT: a tenth of the document
+  half [MASK] padding, `max_pairs` pairs per query, and what the student kind adds (ColBERT: a tenth of the document
   tokens out of MaxSim)."""
   model_cfg, nway, pairs = config.model, config.data.nway, config.data.max_pairs
   rng = np.random.default_rng(seed)
@@ -71,7 +72,8 @@ def describe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict
   out = {"model": model_cfg.kind, "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size,
          "mesh": dict(mesh.shape), "dtype": model_cfg.dtype, "remat": model_cfg.remat,
          "attention": model_cfg.attention, "batch_size": config.train.batch_size,
-         "grad_accum": config.train.grad_accum, "nway": config.data.nway, "query_maxlen": model_cfg.query_maxlen,
+         "grad_accum": config.train.grad_accum, "grad_cache_chunk": config.train.grad_cache_chunk
+         if config.train.grad_cache else 0, "nway": config.data.nway, "query_maxlen": model_cfg.query_maxlen,
          "doc_maxlen": model_cfg.doc_maxlen,
          "layers": bert.num_hidden_layers, "hidden": bert.hidden_size, "heads": bert.num_attention_heads,
          "intermediate": bert.intermediate_size}
@@ -82,12 +84,15 @@ def _program_stats(compiled: jax.stages.Compiled, call, config: ml_collections.C
                    devices: Sequence[jax.Device]) -> dict:
   """Timing, throughput, XLA's FLOP count and memory of a compiled program called by `call`."""
   bench_cfg = config.benchmark
-  stats = measure.time_stats(measure.timed_calls(call, bench_cfg.warmup, bench_cfg.steps))
   xla_flops = measure.compiled_flops(compiled)
-  return {**stats, "timed_steps": bench_cfg.steps, "model_flops_per_step": model_flops,
-          "xla_flops_per_step": xla_flops * len(devices) if xla_flops is not None else None,
-          **measure.throughput(model_flops, stats["step_s_median"], devices, bench_cfg.peak_flops),
-          "runtime_peak_bytes": measure.runtime_peak_memory(devices), **measure.compiled_memory(compiled)}
+  planned = {"timed_steps": bench_cfg.steps, "model_flops_per_step": model_flops,
+             "xla_flops_per_step": xla_flops * len(devices) if xla_flops is not None else None,
+             **measure.compiled_memory(compiled)}
+  if bench_cfg.steps == 0:  # compiled only (benchmark.memory_steps=0)
+    return planned
+  stats = measure.time_stats(measure.timed_calls(call, bench_cfg.warmup, bench_cfg.steps))
+  return {**stats, **planned, **measure.throughput(model_flops, stats["step_s_median"], devices, bench_cfg.peak_flops),
+          "runtime_peak_bytes": measure.runtime_peak_memory(devices)}
 
 
 def _compile(jitted, *args) -> tuple[jax.stages.Compiled, float]:
@@ -121,11 +126,11 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
 
     step_flops = flops_lib.train_step(config)
     record = _program_stats(compiled, call, config, step_flops.train, list(mesh.devices.flat))
-  median = record["step_s_median"]
+  median = record.get("step_s_median")
   tokens = batch_size * (model_cfg.query_maxlen + config.data.nway * model_cfg.doc_maxlen)
+  rates = {"queries_per_s": batch_size / median, "tokens_per_s": tokens / median} if median else {}
   return {"benchmark": "train_step", "variant": name, **describe(config, mesh), "params": int(num_params),
-          "compile_s": compile_s, "queries_per_s": batch_size / median, "tokens_per_s": tokens / median,
-          **record, "model_flops_forward": {"query_encoder": step_flops.query_encoder,
+          "compile_s": compile_s, **rates, **record, "model_flops_forward": {"query_encoder": step_flops.query_encoder,
                                             "doc_encoder": step_flops.doc_encoder, "scoring": step_flops.scoring},
           "collectives": hlo.summarize(hlo.collectives(compiled.as_text()), params)}
 
@@ -139,7 +144,9 @@ def time_encoding(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
   model_cfg = config.model
   rows = -(-config.benchmark.encode_batch // mesh.size) * mesh.size
   with jax.set_mesh(mesh):
-    init = lambda r: nn.meta.unbox(model.init({"params": r}, *state_lib.init_inputs(config))["params"])
+    def init(r):
+      return nn.meta.unbox(model.init({"params": r}, *state_lib.init_inputs(config))["params"])
+
     params = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
     ids = np.random.default_rng(jax.process_index()).integers(
         1, bert_config(config).vocab_size, size=(_local_rows(rows), model_cfg.doc_maxlen)).astype(np.int32)
@@ -189,11 +196,12 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, st
 class Measurement:
   """One measurement to run: the train step or encoding of `config` on `devices`."""
 
-  kind: str  # 'train' or 'encode'
+  program: str  # 'train' (the train step) or 'encode'
   name: str
   config: ml_collections.ConfigDict
   devices: tuple[jax.Device, ...]
   scaling: bool = False
+  memory_variant: str = ""  # benchmark.what=memory: the way of fitting the batch (memory.variants)
 
 
 def scaling_measurements(config: ml_collections.ConfigDict) -> list[Measurement]:
@@ -210,6 +218,20 @@ def scaling_measurements(config: ml_collections.ConfigDict) -> list[Measurement]
   per_device = bench_cfg.per_device_batch or config.train.batch_size // jax.device_count()
   return [Measurement("train", f"{n} devices", with_overrides(config, {"train.batch_size": str(per_device * n)}),
                       tuple(jax.devices()[:n]), scaling=True) for n in counts]
+
+
+def memory_measurements(config: ml_collections.ConfigDict) -> list[Measurement]:
+  """The train step on one device for each per-device batch of benchmark.memory_batches and each variant of
+  memory.variants (benchmark.memory_steps timed steps each; 0: compiled only)."""
+  bench_cfg = config.benchmark
+  batches = memory_lib.parse_ints("benchmark.memory_batches", bench_cfg.memory_batches)
+  chunks = memory_lib.parse_ints("benchmark.memory_chunks", bench_cfg.memory_chunks)
+  memory_lib.parse_budgets(bench_cfg.memory_budget_gb)  # a ConfigError before anything compiles
+  one_device = (jax.local_devices()[0],)
+  return [Measurement("train", f"memory {variant} B={batch}", with_overrides(config, {
+      **overrides, "train.batch_size": str(batch), "mesh.data": "1", "mesh.fsdp": "1", "mesh.tensor": "1",
+      "benchmark.steps": str(bench_cfg.memory_steps)}), one_device, memory_variant=variant)
+          for variant, overrides in memory_lib.variants(chunks) for batch in batches]
 
 
 def measurement_names(bench_cfg: ml_collections.ConfigDict) -> list[str]:
@@ -233,6 +255,8 @@ def planned_measurements(config: ml_collections.ConfigDict) -> list[Measurement]
     measurements.append(Measurement("encode", "encode_doc", config, every))
   if "scaling" in what:
     measurements += scaling_measurements(config)
+  if "memory" in what:
+    measurements += memory_measurements(config)
   for measurement in measurements:
     try:
       config_lib.validate(measurement.config, len(measurement.devices), need_data=False)
@@ -249,16 +273,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = 
   """
   records, scaling_base = [], None
   measurements = planned_measurements(config)
+  info = machine.machine_info()  # in every record: figures hold for the machine that measured them
+  if jax.process_index() == 0:
+    print(machine.machine_line(info), flush=True)
   if "teacher" in measurement_names(config.benchmark):
-    teacher_records = teacher_bench.run(config, student)
+    teacher_records = [dict(r, machine=info) for r in teacher_bench.run(config, student)]
     if jax.process_index() == 0:
       for record in teacher_records:
         measure.emit(record, workdir)
       print(teacher_bench.table(teacher_records))
     records += teacher_records
   for measurement in measurements:
-    measure_fn = time_train_step if measurement.kind == "train" else time_encoding
+    measure_fn = time_train_step if measurement.program == "train" else time_encoding
     record = measure_fn(measurement.config, measurement.devices, measurement.name)
+    record["machine"] = info
+    if measurement.memory_variant:
+      record["memory_variant"] = measurement.memory_variant
     if measurement.scaling:
       per_device = record["queries_per_s"] / record["devices"]
       scaling_base = scaling_base or per_device
@@ -266,10 +296,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = 
     records.append(record)
     if jax.process_index() == 0:
       measure.emit(record, workdir)
-  step_records = [r for r in records if r["benchmark"] != "teacher"]
+  step_records = [r for r in records if r["benchmark"] != "teacher" and "memory_variant" not in r]
   if jax.process_index() == 0 and step_records:
     print(table(step_records))
     print(collectives_table(step_records))
+  memory_records = [r for r in records if "memory_variant" in r]
+  if memory_records:
+    rows = memory_lib.summary(memory_records, memory_lib.parse_budgets(config.benchmark.memory_budget_gb))
+    if jax.process_index() == 0:
+      measure.emit({"benchmark": "memory_fit", "rows": rows, "machine": info}, workdir)
+      print(memory_lib.table(rows, memory_records))
   return records
 
 
@@ -303,15 +339,14 @@ def table(records: Sequence[dict]) -> str:
 
 
 def collectives_table(records: Sequence[dict]) -> str:
-  """Per train step: each collective kind (count, MiB per device) and what they move."""
-  lines = ["collectives per device and step: kind count (MiB); MiB moved of params / scalars / activations"]
+  """Per train step: each collective op (count, MiB per device) and what they move."""
+  lines = ["collectives per device and step: op count (MiB); MiB moved of params / scalars / activations"]
   for r in records:
     if "collectives" not in r:
       continue
     c = r["collectives"]
-    kinds = ", ".join(f"{kind} {v['count']}x ({v['bytes'] / _MiB:.2f} MiB)"
-                      for kind, v in sorted(c["by_kind"].items()))
+    ops = ", ".join(f"{op} {v['count']}x ({v['bytes'] / _MiB:.2f} MiB)" for op, v in sorted(c["by_op"].items()))
     moved = " / ".join(f"{c['by_content'][k] / _MiB:.2f}" for k in ("params", "scalars", "activations"))
-    lines.append(f"  {r['variant']} ({r['devices']} devices, mesh {r['mesh']}): {kinds or 'none'}; moved {moved}; "
+    lines.append(f"  {r['variant']} ({r['devices']} devices, mesh {r['mesh']}): {ops or 'none'}; moved {moved}; "
                  f"activation gathers {c['activation_gathers']}")
   return "\n".join(lines)

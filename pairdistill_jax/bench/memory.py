@@ -66,13 +66,13 @@ def fit(batches: Sequence[int], peaks: Sequence[int]) -> tuple[float, float]:
   if len(batches) < 2:
     return float(peaks[0]), float("nan")
   per_query, fixed = np.polyfit(np.asarray(batches, float), np.asarray(peaks, float), 1)
-  return float(fixed), float(per_query)
+  return float(fixed), float(max(0, round(per_query)))  # whole bytes: a flat peak fits any batch
 
 
 def fits(fixed: float, per_query: float, budget_bytes: float, multiple: int = 1) -> int:
   """The largest batch (a multiple of `multiple`) whose fitted peak stays within `budget_bytes` (0: none)."""
   if not per_query > 0:
-    return 0 if fixed > budget_bytes else -1  # -1: no growth measured, any batch fits the fit
+    return 0 if fixed > budget_bytes else -1  # -1: no growth measured, any batch fits
   batch = math.floor((budget_bytes - fixed) / per_query)
   return max(0, batch - batch % multiple)
 

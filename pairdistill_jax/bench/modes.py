@@ -68,12 +68,13 @@ def _local_rows(global_rows: int) -> int:
 
 def describe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
   """The settings a measurement depends on."""
-  model_cfg, bert = config.model, config.model.bert
+  model_cfg, bert, train_cfg = config.model, config.model.bert, config.train
+  chunk = config_lib.grad_cache_chunk(train_cfg, mesh.shape["data"] * mesh.shape["fsdp"]) if train_cfg.grad_cache else 0
   out = {"model": model_cfg.kind, "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size,
          "mesh": dict(mesh.shape), "dtype": model_cfg.dtype, "remat": model_cfg.remat,
          "attention": model_cfg.attention, "batch_size": config.train.batch_size,
-         "grad_accum": config.train.grad_accum, "grad_cache_chunk": config.train.grad_cache_chunk
-         if config.train.grad_cache else 0, "nway": config.data.nway, "query_maxlen": model_cfg.query_maxlen,
+         "grad_accum": train_cfg.grad_accum, "grad_cache_chunk": chunk, "nway": config.data.nway,
+         "query_maxlen": model_cfg.query_maxlen,
          "doc_maxlen": model_cfg.doc_maxlen,
          "layers": bert.num_hidden_layers, "hidden": bert.hidden_size, "heads": bert.num_attention_heads,
          "intermediate": bert.intermediate_size}
@@ -129,9 +130,10 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   median = record.get("step_s_median")
   tokens = batch_size * (model_cfg.query_maxlen + config.data.nway * model_cfg.doc_maxlen)
   rates = {"queries_per_s": batch_size / median, "tokens_per_s": tokens / median} if median else {}
+  forward_flops = {"query_encoder": step_flops.query_encoder, "doc_encoder": step_flops.doc_encoder,
+                   "scoring": step_flops.scoring}
   return {"benchmark": "train_step", "variant": name, **describe(config, mesh), "params": int(num_params),
-          "compile_s": compile_s, **rates, **record, "model_flops_forward": {"query_encoder": step_flops.query_encoder,
-                                            "doc_encoder": step_flops.doc_encoder, "scoring": step_flops.scoring},
+          "compile_s": compile_s, **rates, **record, "model_flops_forward": forward_flops,
           "collectives": hlo.summarize(hlo.collectives(compiled.as_text()), params)}
 
 

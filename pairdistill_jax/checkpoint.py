@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-from pairdistill_jax import config_lib, distributed, remote, students
+from pairdistill_jax import config_lib, distributed, io, remote, students
 from pairdistill_jax.paths import CHECKPOINT_DIR, MODEL_DIR
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.models.bert import BertConfig
@@ -187,15 +187,10 @@ class Checkpointer:
 def save_model_info(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, bert_config: BertConfig,
                     tokenizer_dir: str) -> None:
   """Writes WORKDIR/model/: the config, the BERT shape and a copy of the tokenizer."""
-  target = pathlib.Path(workdir) / MODEL_DIR
-  tmp = target.with_name(f".{MODEL_DIR}.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  (tmp / "config.json").write_text(config.to_json_best_effort(indent=2))
-  (tmp / "bert_config.json").write_text(json.dumps(dataclasses.asdict(bert_config), indent=2))
-  shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-  shutil.rmtree(target, ignore_errors=True)
-  tmp.rename(target)
+  with io.atomic_directory(pathlib.Path(workdir) / MODEL_DIR) as tmp:
+    (tmp / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (tmp / "bert_config.json").write_text(json.dumps(dataclasses.asdict(bert_config), indent=2))
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
 * `atomic_write(path, mode)` writes a temporary file beside `path`, flushes and fsyncs it, then `os.replace`s it
   over `path`: on any error nothing is left behind and an existing file is untouched. `write_json` / `read_json`
-  are the small JSON records (manifests, sidecars) written that way.
+  are the small JSON records (manifests, sidecars) written that way; `atomic_directory` does the same for a
+  directory (exports, WORKDIR/model).
 * `ChunkDir`: a directory of numbered chunk files computed from one manifest. A rerun with the same manifest
   resumes at the missing chunks; chunks of another manifest are refused with a one-line error naming the
   fields that differ, unless the caller passes `rebuild=True` (the chunks are then deleted, and that logged).
@@ -127,6 +128,39 @@ def sidecar(path: PathLike) -> pathlib.Path:
   """The JSON record written beside an output file (`run.trec` -> `run.trec.json`)."""
   path = pathlib.Path(path)
   return path.with_name(path.name + ".json")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: pathlib.Path) -> Iterator[pathlib.Path]:
+  """Yields a temporary sibling `.NAME.*.tmp` of `target` that replaces `target` only if the body succeeds (an
+  existing `target` is restored if the swap fails)."""
+  if target.exists() and not target.is_dir():
+    raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+  try:
+    os.chmod(tmp, 0o755)
+    yield tmp
+    _swap_in(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _swap_in(new: pathlib.Path, target: pathlib.Path) -> None:
+  """Renames `new` onto `target`; an existing `target` is restored if that fails."""
+  if not target.exists():
+    os.replace(new, target)
+    return
+  old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+  os.replace(target, old)
+  try:
+    os.replace(new, target)
+  except BaseException:
+    os.replace(old, target)
+    raise
+  shutil.rmtree(old)
+
 
 
 # ---------------------------------------------------------------------------------- chunk directories

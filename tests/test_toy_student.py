@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from pairdistill_jax import config_lib, losses, students
+from pairdistill_jax import config_lib, io, losses, students
 from pairdistill_jax.convert import hf_io
 from pairdistill_jax.data.tokenization import DPRTokenizer
 from pairdistill_jax.errors import ConfigError
@@ -132,7 +132,7 @@ class GroupMaxSimStudent(students.Student):
   def export(self, directory, bert_config, params, tokenizer_dir, model_config):
     params = nn.meta.unbox(params)
     head = params["head"]
-    with hf_io.atomic_directory(pathlib.Path(directory)) as tmp:
+    with io.atomic_directory(pathlib.Path(directory)) as tmp:
       hf_io.export_bert(tmp / EXPORT_DIR, bert_config, params["bert"], tokenizer_dir=tokenizer_dir)
       hf_io.write_safetensors(tmp / EXPORT_DIR / HEAD_FILE, {"weight": np.asarray(head["kernel"]).T,
                                                               "bias": np.asarray(head["bias"])})

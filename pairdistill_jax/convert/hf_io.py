@@ -4,16 +4,13 @@ Readers return numpy; writers produce directories that `transformers.*.from_pret
 Weight names go through the one table in `bert_table`.
 """
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
 import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -21,6 +18,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from pairdistill_jax import io
 from pairdistill_jax.convert.bert_table import flax_to_hf, hf_to_flax
 from pairdistill_jax.models.bert import BertConfig
 
@@ -175,7 +173,7 @@ def export_bert(directory: PathLike, config: BertConfig, params: Mapping, *, pre
     raise ValueError(f"extra_tensors would overwrite BERT weights: {clashes}")
   hf_config = {**config.to_hf_dict(), **(config_extra or {})}
   tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
-  with atomic_directory(pathlib.Path(directory)) as tmp:
+  with io.atomic_directory(pathlib.Path(directory)) as tmp:
     write_safetensors(tmp / SAFETENSORS, {**tensors, **(extra_tensors or {})})
     (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for f in tokenizer_files:
@@ -189,37 +187,6 @@ def _tokenizer_files(tokenizer_dir: PathLike) -> list[pathlib.Path]:
     raise FileNotFoundError(f"no tokenizer files in {tokenizer_dir}: looked for "
                             f"{', '.join(TOKENIZER_FILES)}.")
   return files
-
-
-@contextlib.contextmanager
-def atomic_directory(target: pathlib.Path) -> Iterator[pathlib.Path]:
-  """Yields a temporary sibling of `target` that replaces `target` only if the body succeeds."""
-  if target.exists() and not target.is_dir():
-    raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-  try:
-    os.chmod(tmp, 0o755)
-    yield tmp
-    _swap_in(tmp, target)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _swap_in(new: pathlib.Path, target: pathlib.Path) -> None:
-  """Renames `new` onto `target`; an existing `target` is restored if that fails."""
-  if not target.exists():
-    os.replace(new, target)
-    return
-  old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-  os.replace(target, old)
-  try:
-    os.replace(new, target)
-  except BaseException:
-    os.replace(old, target)
-    raise
-  shutil.rmtree(old)
 
 
 def import_cross_encoder(directory: PathLike) -> tuple[BertConfig, int, dict]:

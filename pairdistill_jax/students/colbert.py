@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pairdistill_jax import losses
+from pairdistill_jax import io, losses
 from pairdistill_jax.errors import ConfigError
 from pairdistill_jax.convert import export, hf_io
 from pairdistill_jax.data.formats import COLBERT_TITLE_SEPARATOR
@@ -111,7 +111,7 @@ def export_colbert(directory: export.PathLike, bert_config: BertConfig, params: 
   """
   params = nn.meta.unbox(params)
   linear_DxH = _linear_weight(params, bert_config, settings)
-  with hf_io.atomic_directory(pathlib.Path(directory)) as tmp:
+  with io.atomic_directory(pathlib.Path(directory)) as tmp:
     hf_io.export_bert(tmp / COLBERT_DIR, bert_config, params["bert"], prefix="bert.",
                       extra_tensors={"linear.weight": linear_DxH},
                       config_extra={"architectures": ["HF_ColBERT"]}, tokenizer_dir=tokenizer_dir)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pairdistill_jax import losses
+from pairdistill_jax import io, losses
 from pairdistill_jax.errors import ConfigError
 from pairdistill_jax.convert import export, hf_io
 from pairdistill_jax.data.tokenization import DPRTokenizer
@@ -114,7 +114,7 @@ def export_dpr(directory: export.PathLike, bert_config: BertConfig, params: Mapp
   if pooling not in export.ST_POOLING_MODES:
     raise ValueError(f"pooling must be one of {sorted(export.ST_POOLING_MODES)}, got {pooling!r}")
   query_params, passage_params = towers(nn.meta.unbox(params))
-  with hf_io.atomic_directory(pathlib.Path(directory)) as tmp:
+  with io.atomic_directory(pathlib.Path(directory)) as tmp:
     lengths = export.length_fields(query_maxlen, doc_maxlen)
     export.write_sentence_transformer(tmp / QUERY_ST_DIR, bert_config, query_params, tokenizer_dir,
                                       pooling=pooling, normalize=normalize, max_seq_length=query_maxlen,

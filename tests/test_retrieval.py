@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import sentence_transformers
 
+from pairdistill_jax import io
 from pairdistill_jax.convert import hf_io
 from pairdistill_jax.retrieval import corpus, devices, encoders, search
 from pairdistill_jax.students import colbert, dpr
@@ -155,7 +156,7 @@ def test_corpus_vectors_are_float32_unless_float16_is_asked_and_another_dtype_is
   texts = corpus_texts()
   exact = corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8)
   assert {c.dtype for c in exact.chunks} == {np.dtype(np.float32)}
-  assert json.loads((tmp_path / "f32" / corpus.MANIFEST).read_text())["vector_dtype"] == "float32"
+  assert json.loads((tmp_path / "f32" / io.MANIFEST).read_text())["vector_dtype"] == "float32"
   with pytest.raises(ValueError, match=r"other settings \(differing: vector_dtype\); delete it to start over"):
     corpus.encode_corpus(colbert_encoder, texts, tmp_path / "f32", batch_size=8, chunk_size=8, vector_dtype="float16")
   with caplog.at_level(logging.INFO):

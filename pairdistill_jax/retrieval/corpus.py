@@ -34,7 +34,6 @@ from pairdistill_jax import distributed, io, remote, students
 from pairdistill_jax.retrieval import devices
 from pairdistill_jax.retrieval.encoders import Encoder
 
-MANIFEST = io.MANIFEST
 VECTOR_DTYPES = ("float32", "float16")
 _VECTORS = "chunk_{:06d}.vectors.npy"
 _LENGTHS = "chunk_{:06d}.lengths.npy"
@@ -236,9 +235,9 @@ def encode_corpus(encoder: Encoder, texts: Sequence[str], directory: str | os.Pa
 def open_embeddings(directory: str | os.PathLike) -> Store:
   """The store of a completely encoded directory (vectors memory-mapped)."""
   directory = pathlib.Path(directory)
-  manifest = io.read_json(directory / MANIFEST)
+  manifest = io.read_json(directory / io.MANIFEST)
   if not isinstance(manifest, dict):
-    raise FileNotFoundError(f"{directory} holds no readable {MANIFEST}; encode the corpus there first")
+    raise FileNotFoundError(f"{directory} holds no readable {io.MANIFEST}; encode the corpus there first")
   n_chunks = -(-manifest["num_docs"] // manifest["chunk_size"])
   done_name = _done_name(manifest["kind"])
   missing = [c for c in range(n_chunks) if not (directory / done_name.format(c)).exists()]

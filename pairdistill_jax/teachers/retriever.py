@@ -10,7 +10,6 @@ for a sentence-transformers model with a Normalize module).
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import time
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pairdistill_jax import io
 from pairdistill_jax.retrieval import corpus, devices, search
 from pairdistill_jax.retrieval.encoders import Encoder
 
@@ -36,10 +36,9 @@ def _own_maxsim(q_QxLxD: jax.Array, d_QxNxWxD: jax.Array, d_mask_QxNxW: jax.Arra
 
 def reusable_store(directory: pathlib.Path, encoder: Encoder, texts_hash: str) -> dict | None:
   """The manifest of `directory` when it holds this encoder's vectors of this collection, else None."""
-  path = directory / corpus.MANIFEST
-  if not path.is_file():
+  manifest = io.read_json(directory / io.MANIFEST)
+  if not isinstance(manifest, dict):  # none there, or unreadable: encode into the teacher's own directory
     return None
-  manifest = json.loads(path.read_text())
   if manifest.get("fingerprint") == encoder.fingerprint and manifest.get("corpus") == texts_hash:
     return manifest
   return None

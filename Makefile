@@ -82,11 +82,16 @@ eval-scifact: $(STAMP)
 	MODEL=$$($(PY) -c "from configs import scifact; print(scifact.minilm_dir())") && \
 	  $(MAKE) --no-print-directory eval-beir DATA=$(SCIFACT_DATA) EVAL_WORKDIR=workdir/eval-scifact MODEL=$$MODEL
 
-# The real-text experiment: teacher all-MiniLM-L6-v2, DPR and ColBERT students cut to 3 of its layers, trained on
-# SciFact's train queries as PairDistill and two controls, evaluated on its test queries (README: Real text).
-SCIFACT_WORKDIR ?= workdir/scifact
+# The real-text experiment (README: Real text): teacher all-MiniLM-L6-v2, DPR and ColBERT students cut to 2 of its
+# layers, trained on a BEIR folder's train queries, evaluated on its test queries. DATA=DIR: any BEIR folder with
+# train and test qrels (default: SciFact at SCIFACT_DATA); SEEDS=N seeds per trained setting; SETTINGS: any of
+# minilm,weak_pointwise,round2 (experiments/scifact.py --help).
+SCIFACT_WORKDIR ?= workdir/$(if $(DATA),$(notdir $(abspath $(DATA))),scifact)
+SEEDS ?= 1
+SETTINGS ?= minilm
 scifact: $(STAMP)
-	$(PY) experiments/scifact.py --workdir=$(SCIFACT_WORKDIR)
+	$(PY) experiments/scifact.py --workdir=$(SCIFACT_WORKDIR) --seeds=$(SEEDS) --settings=$(SETTINGS) \
+	  --data=$(or $(DATA),$(SCIFACT_DATA))
 
 # Loads the ColBERT export with PyLate and stanford colbert-ai, each in its own environment (they pin other
 # transformers versions); the rest comes from .venv through a .pth file. Then benchmarks/plaid_round_trip.py

@@ -192,7 +192,7 @@ def mine() -> dict:
 def scorer(name: str, max_length: int, batch_per_device: int) -> dict:
   """One teacher (teacher.pointwise / teacher.pairwise)."""
   return dict(
-      scorer=name,  # pointwise: cross_encoder | monot5 | retriever; pairwise: duot5 | duobert | pointwise | none
+      scorer=name,  # pointwise: cross_encoder|monot5|retriever; pairwise: duot5|duobert|retriever|pointwise|none
       model="",  # local directory ('' for a retriever: the mining model)
       tokenizer="",  # local tokenizer directory ('' = the model's)
       max_length=max_length,  # tokens per input
@@ -217,9 +217,10 @@ def teacher(nway: int) -> dict:
       chunk_queries=1024,  # queries scored and saved at a time (the resume unit)
       bucket_multiple=32,  # inputs padded to multiples of this
       mesh=dict(data=-1, fsdp=1, tensor=1),  # the teachers' own mesh (a 3B duoT5 wants fsdp/tensor axes)
-      # scale: multiplies the pointwise scores into the teacher logits (0: 20 for a cosine retriever, else 1)
+      # scale: a retriever teacher's scores times it are its logits (0: 20 for a cosine retriever, else 1)
       pointwise=dict(scorer("cross_encoder", 180, 128), scale=0.0),
-      pairwise=scorer("duot5", 360, 16),  # pointwise: log sigmoid of the pointwise margins
+      # retriever: log sigmoid of its own scaled margins; pointwise: log sigmoid of the pointwise margins
+      pairwise=dict(scorer("duot5", 360, 16), scale=0.0),
   )
 
 

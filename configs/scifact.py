@@ -15,6 +15,7 @@ from pairdistill_jax.errors import ConfigError
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
                            "data", "scifact")
 DOWNLOAD = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/scifact.zip"
+DOWNLOAD_MD5 = "5f7d1de60b170fc8027bb7898e2efca1"  # BEIR's published checksum of scifact.zip
 
 
 def data_dir() -> str:
@@ -23,11 +24,19 @@ def data_dir() -> str:
   return os.path.abspath(os.environ.get("SCIFACT_DATA") or DEFAULT_DIR)
 
 
+BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv")  # what the experiment reads
+
+
 def check_data(directory: str) -> None:
-  """A one-line ConfigError saying what to download when `directory` holds no SciFact."""
-  if not os.path.isfile(os.path.join(directory, "corpus.jsonl")):
-    raise ConfigError(f"BEIR SciFact is not at {directory}: download {DOWNLOAD} and unzip it there, or set "
-                      f"SCIFACT_DATA=DIR")
+  """A one-line ConfigError saying what to download when `directory` is not a BEIR folder with train and test
+  qrels."""
+  missing = [name for name in BEIR_FILES if not os.path.isfile(os.path.join(directory, name))]
+  if missing and not os.path.isdir(directory):
+    raise ConfigError(f"no BEIR folder at {directory}: download BEIR SciFact ({DOWNLOAD}, md5 {DOWNLOAD_MD5}) and "
+                      f"unzip it there, or name another BEIR folder (SCIFACT_DATA=DIR, make scifact DATA=DIR)")
+  if missing:
+    raise ConfigError(f"{directory} is not a BEIR folder with train and test qrels: it lacks {', '.join(missing)} "
+                      f"(BEIR SciFact: {DOWNLOAD})")
 
 
 def minilm_dir() -> str:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pairdistill_jax.data import batching, formats
+from pairdistill_jax.data import batching, demo, formats
 from pairdistill_jax.data.formats import PathLike, TrainingExample
 from pairdistill_jax.data.tokenization import ColBERTTokenizer, load_tokenizer
 from pairdistill_jax.io import atomic_write
@@ -60,3 +60,26 @@ def write_training_data(root: pathlib.Path, collection: Mapping[str, str], queri
                                 queries=str(root / "queries.tsv"))
   return types.SimpleNamespace(root=root, collection=collection, queries=queries, examples=examples,
                                tokenizer=tokenizer, paths=paths)
+
+
+def beir_from_demo(root: pathlib.Path, num_docs: int, num_train: int, num_test: int) -> pathlib.Path:
+  """A BEIR folder at `root` made from the demo's data (the project's own; SciFact stays outside): its first
+  `num_docs` passages (every fifth with a title) plus those judged for its first `num_train` train queries (the
+  best teacher-scored passage) and `num_test` dev queries (as the test split)."""
+  demo_dir = root.parent / (root.name + "_source")
+  demo.generate(demo_dir)
+  (root / "qrels").mkdir(parents=True)
+  lines = list(formats.read_training_lines(demo_dir / "train.jsonl"))[:num_train]
+  judged = {"train": {ex.qid: {ex.pids[max(range(len(ex.pids)), key=ex.scores.__getitem__)]: 1} for ex in lines},
+            "test": dict(list(formats.read_qrels(demo_dir / "qrels.dev.tsv").items())[:num_test])}
+  for split, qrels in judged.items():
+    formats.write_qrels(root / "qrels" / f"{split}.tsv", qrels, beir=True)
+  collection = formats.read_collection(demo_dir / "collection.tsv")
+  docs = list(collection)[:num_docs] + [d for qrels in judged.values() for q in qrels.values() for d in q]
+  (root / "corpus.jsonl").write_text("".join(
+      json.dumps({"_id": d, "title": collection[d].split()[0] if i % 5 == 0 else "", "text": collection[d]}) + "\n"
+      for i, d in enumerate(dict.fromkeys(docs))))
+  queries = formats.read_queries(demo_dir / "queries.train.tsv") | formats.read_queries(demo_dir / "queries.dev.tsv")
+  (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": queries[q]}) + "\n"
+                                              for qrels in judged.values() for q in qrels))
+  return root

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
+import data_helpers
+
 from configs import colbert
 from pairdistill_jax import config_lib, io
-from pairdistill_jax.data import demo, formats
+from pairdistill_jax.data import formats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_DOCS, NUM_TRAIN, NUM_TEST = 40, 6, 2
@@ -23,27 +25,8 @@ def _jsonl(path: pathlib.Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def beir_dir(tmp_path_factory) -> pathlib.Path:
-  """A BEIR folder made from the demo's data (the project's own; SciFact stays in ../shared): its first 40
-  passages (every fifth with a title) plus those judged for its first 6 train queries (the best teacher-scored
-  passage) and 2 dev queries (as the test split)."""
-  demo_dir = tmp_path_factory.mktemp("demo")
-  demo.generate(demo_dir)
-  root = tmp_path_factory.mktemp("beir") / "beir_demo"
-  (root / "qrels").mkdir(parents=True)
-  lines = list(formats.read_training_lines(demo_dir / "train.jsonl"))[:NUM_TRAIN]
-  judged = {"train": {ex.qid: {ex.pids[max(range(len(ex.pids)), key=ex.scores.__getitem__)]: 1} for ex in lines},
-            "test": dict(list(formats.read_qrels(demo_dir / "qrels.dev.tsv").items())[:NUM_TEST])}
-  for split, qrels in judged.items():
-    formats.write_qrels(root / "qrels" / f"{split}.tsv", qrels, beir=True)
-  collection = formats.read_collection(demo_dir / "collection.tsv")
-  docs = list(collection)[:NUM_DOCS] + [d for qrels in judged.values() for q in qrels.values() for d in q]
-  (root / "corpus.jsonl").write_text("".join(
-      json.dumps({"_id": d, "title": collection[d].split()[0] if i % 5 == 0 else "", "text": collection[d]}) + "\n"
-      for i, d in enumerate(dict.fromkeys(docs))))
-  queries = formats.read_queries(demo_dir / "queries.train.tsv") | formats.read_queries(demo_dir / "queries.dev.tsv")
-  (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": queries[q]}) + "\n"
-                                              for qrels in judged.values() for q in qrels))
-  return root
+  """A BEIR folder made from the demo's data (data_helpers.beir_from_demo)."""
+  return data_helpers.beir_from_demo(tmp_path_factory.mktemp("beir") / "beir_demo", NUM_DOCS, NUM_TRAIN, NUM_TEST)
 
 
 def _config(tmp_path, **data):

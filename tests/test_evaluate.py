@@ -38,6 +38,13 @@ def test_metrics_equal_hand_computation_over_all_judged_queries():
   assert got["nDCG@10"] == pytest.approx((ndcg_q1 + ndcg_q2) / 3)
 
 
+def test_per_query_values_equal_hand_computation_with_zero_for_unretrieved_queries():
+  got = metrics.per_query(RUN, QRELS, "RR@10,nDCG@10")
+  assert got["RR@10"] == pytest.approx({"q1": 1 / 2, "q2": 1 / 6, "q3": 0.0})
+  ndcg_q1 = (1 / math.log2(3) + 2 / math.log2(5)) / (2 / math.log2(2) + 1 / math.log2(3))
+  assert got["nDCG@10"] == pytest.approx({"q1": ndcg_q1, "q2": 1 / math.log2(7), "q3": 0.0})
+
+
 def test_metrics_equal_ir_measures_when_every_judged_query_is_retrieved():
   qrels = {q: QRELS[q] for q in RUN}
   got = metrics.compute_metrics(RUN, qrels)

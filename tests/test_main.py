@@ -166,6 +166,7 @@ def test_a_missing_scifact_folder_is_one_line_saying_what_to_download(tmp_path):
                           timeout=120)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      f"error: BEIR SciFact is not at {missing}: download https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/"
-      f"datasets/scifact.zip and unzip it there, or set SCIFACT_DATA=DIR"]
+      f"error: no BEIR folder at {missing}: download BEIR SciFact (https://public.ukp.informatik.tu-darmstadt.de/"
+      f"thakur/BEIR/datasets/scifact.zip, md5 5f7d1de60b170fc8027bb7898e2efca1) and unzip it there, or name another "
+      f"BEIR folder (SCIFACT_DATA=DIR, make scifact DATA=DIR)"]
   assert not (tmp_path / "run").exists()

@@ -199,3 +199,29 @@ def test_imported_bi_encoder_as_pointwise_teacher(task, minilm_dir, monkeypatch,
     best = sorted(expected, key=lambda p: -expected[p])[:8]
     assert list(example.pids) == best and not example.pairs
     np.testing.assert_allclose(example.scores, [expected[p] for p in best], atol=2e-5 * (scale or 20.0))
+
+
+@pytest.mark.parametrize("scale", [0.0, 5.0])
+def test_bi_encoder_as_pairwise_teacher_beside_a_cross_encoder(task, scored, minilm_dir, scale):
+  """Two different teachers, each with its own scale: the cross-encoder chooses and scores the entries (as in
+  the duoBERT run), the sentence-transformers model gives the pairs: log σ(scale · (cos_i − cos_j)), as
+  sentence-transformers computes the cosines (default scale 20)."""
+  import sentence_transformers  # noqa: PLC0415
+
+  root, collection, queries, _ = task
+  config = _config(root, str(root / f"pairwise_bi_encoder_{scale}.jsonl"))
+  config.teacher.pairwise.update(scorer="retriever", model=str(minilm_dir), max_length=128, scale=scale)
+  result = score.score(config, root, queries_path=str(root / "queries.tsv"),
+                       collection_path=str(root / "collection.tsv"), student=rounds.student_factory(config, root))
+  recorded = io.read_json(io.sidecar(result.path))["settings"]["pairwise"]
+  assert recorded["scale"] == (scale or 20.0) and recorded["resolved"].startswith("retriever:")
+  model = sentence_transformers.SentenceTransformer(str(minilm_dir), device="cpu")
+  reference = list(formats.read_training_lines(scored.path))
+  lines = list(formats.read_training_lines(result.path))
+  assert [(x.qid, x.pids, x.scores) for x in lines] == [(x.qid, x.pids, x.scores) for x in reference]
+  for example, duo in zip(lines, reference):
+    assert [p[:2] for p in example.pairs] == [p[:2] for p in duo.pairs] and example.pairs
+    q_D = model.encode([queries[example.qid]], normalize_embeddings=True)[0].astype(np.float64)
+    cos = model.encode([collection[p] for p in example.pids], normalize_embeddings=True).astype(np.float64) @ q_D
+    expected = [-np.logaddexp(0.0, -(scale or 20.0) * (cos[i] - cos[j])) for i, j, _ in example.pairs]
+    np.testing.assert_allclose([lp for *_, lp in example.pairs], expected, atol=2e-5 * (scale or 20.0))

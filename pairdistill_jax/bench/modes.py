@@ -271,7 +271,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = 
         student: Callable | None = None) -> list[dict]:
   """Runs the planned measurements; emits each record (process 0) and prints the table; returns them.
 
-  student(cfg) builds a retriever teacher for the 'teacher' measurement.
+  student(cfg, role) builds a retriever teacher for the 'teacher' measurement.
   """
   records, scaling_base = [], None
   measurements = planned_measurements(config)

@@ -3,7 +3,8 @@
 `config.eval` says what to evaluate on (retrieval/eval_data.py); titles are joined to texts with
 data.title_separator ('auto': as the model's kind does), recorded in metrics.json.
 Outputs go to WORKDIR/eval/ (or WORKDIR/eval/NAME/ for --eval_name): corpus/ (the resumable embeddings),
-run.trec, metrics.json. Only process 0 searches and writes; the others help encode the corpus.
+run.trec, metrics.json (the means; per_query: each judged query's values, for significance tests). Only
+process 0 searches and writes; the others help encode the corpus.
 """
 
 from __future__ import annotations
@@ -81,11 +82,13 @@ def evaluate(encoder: Encoder, data: eval_data.EvalData, eval_cfg: ml_collection
                       out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)  # the corpus may live elsewhere (eval.corpus_dir)
   formats.write_run(out_dir / RUN_FILE, run)
-  values = metrics.compute_metrics(run, data.qrels, eval_cfg.metrics)
+  by_query = metrics.per_query(run, data.qrels, eval_cfg.metrics)
+  values = {name: sum(v.values()) / len(data.qrels) for name, v in by_query.items()}
   seconds["total"] = time.perf_counter() - start
   result = EvalResult(values, encoder.name, len(data.qrels), len(data.collection), index, seconds, out_dir)
   io.write_json(out_dir / METRICS_FILE, {"metrics": values, "model": encoder.name, "queries": result.num_queries,
-                                         "documents": result.num_docs, **settings, "seconds": seconds, "run": RUN_FILE})
+                                         "documents": result.num_docs, **settings, "seconds": seconds, "run": RUN_FILE,
+                                         "per_query": by_query})
   return result
 
 

@@ -45,17 +45,22 @@ def _rank_scored_docs(run: Run) -> list[ir_measures.ScoredDoc]:
           for qid, scored in run.items() for rank, (docid, _) in enumerate(ranked(scored), 1)]
 
 
-def compute_metrics(run: Run, qrels: Qrels, metrics: str | Sequence[str] = DEFAULT_METRICS) -> dict[str, float]:
-  """{metric name: mean over all judged queries}; a judged query absent from the run scores 0."""
+def per_query(run: Run, qrels: Qrels, metrics: str | Sequence[str] = DEFAULT_METRICS) -> dict[str, dict[str, float]]:
+  """{metric name: {query id: value}} for every judged query (0 where the run has nothing for it)."""
   measures = parse_metrics(metrics)
   judged = [ir_measures.Qrel(qid, docid, int(rel)) for qid, docs in qrels.items() for docid, rel in docs.items()]
   if not judged:
     raise ValueError("the qrels hold no judgments")
-  totals = {str(m): 0.0 for m in measures}
+  values = {str(m): dict.fromkeys(qrels, 0.0) for m in measures}
   for value in ir_measures.iter_calc(measures, judged, _rank_scored_docs(run)):
     if value.query_id in qrels:
-      totals[str(value.measure)] += value.value
-  return {name: total / len(qrels) for name, total in totals.items()}
+      values[str(value.measure)][value.query_id] = value.value
+  return values
+
+
+def compute_metrics(run: Run, qrels: Qrels, metrics: str | Sequence[str] = DEFAULT_METRICS) -> dict[str, float]:
+  """{metric name: mean over all judged queries}; a judged query absent from the run scores 0."""
+  return {name: sum(by_query.values()) / len(qrels) for name, by_query in per_query(run, qrels, metrics).items()}
 
 
 def format_table(metrics: Mapping[str, float], title: str = "") -> str:

@@ -8,6 +8,8 @@
                             its scores times `scale` (default: 20 for cosine bi-encoders, else 1)
   pairwise   duot5          T5: log P("true") of `Query: q Document0: d_i Document1: d_j Relevant:`
              duobert        BertForSequenceClassification, 2 labels: log-softmax of label 1 (d_i beats d_j)
+             retriever      a retriever (as above, its own `model` and `scale`): log σ(scale · (s_i − s_j)), so
+                            the pairwise teacher may be another, stronger model than the pointwise one
              pointwise      no model: log σ(t_i − t_j) of the pointwise scores (score.py)
              none           no pairs
 Nothing is downloaded: `model` is a local directory (e.g. fetched with `huggingface-cli download`).
@@ -33,7 +35,7 @@ from pairdistill_jax.teachers import inputs
 from pairdistill_jax.teachers.batched_scoring import Teacher
 
 POINTWISE_SCORERS = ("cross_encoder", "monot5", "retriever")
-PAIRWISE_SCORERS = ("duot5", "duobert", "pointwise", "none")  # pointwise: log σ(t_i − t_j) of the pointwise teacher
+PAIRWISE_SCORERS = ("duot5", "duobert", "retriever", "pointwise", "none")  # pointwise: log σ of its margins
 
 
 def _model_dir(cfg: ml_collections.ConfigDict, role: str) -> pathlib.Path:
@@ -103,10 +105,10 @@ def t5(cfg: ml_collections.ConfigDict, role: str) -> Teacher:
 
 @dataclasses.dataclass
 class RetrieverTeacher:
-  """A student retriever as the pointwise teacher (scored by `teachers.retriever.RetrieverScorer`).
+  """A student retriever as a teacher (scored by `teachers.retriever.RetrieverScorer`).
 
   Its name carries the encoder's fingerprint (weights and settings): two students at the same step differ.
-  `scale` multiplies its scores into teacher logits (see `pointwise_scale`).
+  `scale` multiplies its scores into teacher logits (see `retriever_scale`).
   """
 
   encoder: Encoder
@@ -122,12 +124,12 @@ class RetrieverTeacher:
 COSINE_SCALE = 20.0
 
 
-def pointwise_scale(cfg: ml_collections.ConfigDict, encoder: Encoder | None = None) -> float:
-  """teacher.pointwise.scale, or when 0 its default: COSINE_SCALE for a cosine retriever (scores in [-1, 1],
+def retriever_scale(cfg: ml_collections.ConfigDict, encoder: Encoder | None = None, role: str = "pointwise") -> float:
+  """teacher.<role>.scale, or when 0 its default: COSINE_SCALE for a cosine retriever (scores in [-1, 1],
   whose raw softmax is nearly uniform), else 1 (cross-encoder and monoT5 logits, MaxSim sums and dot products
   are used as they are)."""
   if cfg.scale < 0:
-    raise ValueError(f"teacher.pointwise.scale must be > 0 (or 0 for the default), got {cfg.scale}")
+    raise ValueError(f"teacher.{role}.scale must be > 0 (or 0 for the default), got {cfg.scale}")
   if cfg.scale:
     return float(cfg.scale)
   cosine = encoder is not None and not encoder.multi_vector and encoder.normalize
@@ -148,7 +150,7 @@ def check_model_dirs(teacher_cfg: ml_collections.ConfigDict) -> None:
 
 def load(cfg: ml_collections.ConfigDict, role: str,
          student: Callable[..., Encoder] | None = None) -> Teacher | RetrieverTeacher:
-  """The teacher of `config.teacher.<role>`; `student(cfg)` builds the Encoder of a retriever teacher."""
+  """The teacher of `config.teacher.<role>`; `student(cfg, role)` builds the Encoder of a retriever teacher."""
   scorers = POINTWISE_SCORERS if role == "pointwise" else PAIRWISE_SCORERS
   if cfg.scorer not in scorers:
     raise ValueError(f"teacher.{role}.scorer must be one of {scorers}, got {cfg.scorer!r}")
@@ -161,6 +163,6 @@ def load(cfg: ml_collections.ConfigDict, role: str,
   if cfg.scorer == "retriever":
     if student is None:
       raise ValueError(f"teacher.{role}.scorer='retriever' needs a student factory (run it through --mode=score)")
-    encoder = student(cfg)
-    return RetrieverTeacher(encoder, pointwise_scale(cfg, encoder))
+    encoder = student(cfg, role)
+    return RetrieverTeacher(encoder, retriever_scale(cfg, encoder, role))
   raise ValueError(f"teacher.{role}.scorer={cfg.scorer!r} has no model")

@@ -101,8 +101,8 @@ def _share(workdir: pathlib.Path) -> None:
 
 
 def student_factory(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
-  """For a retriever teacher: its `model`, or '' = the retriever `--mode=mine` uses."""
-  def build(cfg: ml_collections.ConfigDict):
+  """For a retriever teacher (of `role`): its `model`, or '' = the retriever `--mode=mine` uses."""
+  def build(cfg: ml_collections.ConfigDict, role: str):
     return mining.student_encoder(config, workdir, cfg.model or config.mine.model, doc_maxlen=cfg.max_length,
-                                  field="teacher.pointwise.model" if cfg.model else "mine.model")
+                                  field=f"teacher.{role}.model" if cfg.model else "mine.model")
   return build

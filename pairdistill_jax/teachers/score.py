@@ -3,9 +3,10 @@
 For each query of the run (in the run's order): the pointwise teacher scores its top `top_n` passages; the
 best `nway` by that score (ties: run order) become the line's entries; pairs are selected among its top
 `topk` (`pairs.select_pairs`) and scored by the pairwise teacher (log P(entry i beats entry j), i ranked
-higher). Queries are processed `chunk_queries` at a time; each finished chunk is written to
-OUTPUT.chunks/NNNNNN.jsonl, so a crash loses at most the chunk in progress and a rerun with the same settings
-carries on. The chunks are joined into OUTPUT at the end. Every process computes; process 0 writes.
+higher; a retriever as the pairwise teacher: log σ of its own scaled margins). Queries are processed
+`chunk_queries` at a time; each finished chunk is written to OUTPUT.chunks/NNNNNN.jsonl, so a crash loses at
+most the chunk in progress and a rerun with the same settings carries on. The chunks are joined into OUTPUT at
+the end. Every process computes; process 0 writes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pairdistill_jax.teachers.batched_scoring import ShardedScorer, Teacher, tea
 
 CHUNKS_SUFFIX = ".chunks"
 CHUNK_NAME = "{:06d}.jsonl"  # OUTPUT.chunks/CHUNK_NAME: the training lines of one chunk of queries
-TEACHER_CORPUS_DIR = "teacher_corpus"  # a retriever teacher's collection vectors, beside the output
+# a retriever teacher's collection vectors, beside the output (role: pointwise, pairwise)
+TEACHER_CORPUS_DIRS = {"pointwise": "teacher_corpus", "pairwise": "pairwise_teacher_corpus"}
 
 _log = logging.getLogger(__name__)
 
@@ -67,11 +69,14 @@ def check_teacher_config(teacher_cfg: ml_collections.ConfigDict) -> None:
 
 
 def settings(teacher_cfg: ml_collections.ConfigDict, run_path: pathlib.Path, queries: formats.TextSource,
-             collection: formats.TextSource, pointwise: Teacher | load.RetrieverTeacher, tensor: int) -> dict:
+             collection: formats.TextSource, pointwise: Teacher | load.RetrieverTeacher,
+             pairwise: Teacher | load.RetrieverTeacher | None, tensor: int) -> dict:
   """What the output depends on; chunks of other settings are never mixed into it."""
   roles = {role: {k: teacher_cfg[role][k] for k in ("scorer", "model", "tokenizer", "max_length", "dtype")}
            for role in ("pointwise", "pairwise")}
   roles["pointwise"].update(resolved=pointwise.name, scale=_scale(teacher_cfg, pointwise))
+  if isinstance(pairwise, load.RetrieverTeacher):
+    roles["pairwise"].update(resolved=pairwise.name, scale=pairwise.scale)
   # Not batch_per_device (a restart after running out of memory may lower it) nor the data/fsdp axes: rows
   # are scored independently. A tensor axis splits the sums inside each row, so its size is recorded.
   return {"run": str(run_path), "run_sha256": array_cache.file_identity(run_path)["sha256"],
@@ -88,7 +93,7 @@ def _ranked(scored: dict[str, float], top_n: int) -> list[str]:
 def _scale(teacher_cfg: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher) -> float:
   if isinstance(pointwise, load.RetrieverTeacher):
     return pointwise.scale
-  return load.pointwise_scale(teacher_cfg.pointwise)
+  return load.retriever_scale(teacher_cfg.pointwise)
 
 
 def _count_and_check(run_path: pathlib.Path, queries, collection, queries_path, collection_path,
@@ -128,23 +133,25 @@ def _chunk_dir(out: pathlib.Path, manifest: dict) -> io.ChunkDir:
 class _TeacherScorers:
   """The loaded teachers as scorers, which count their items and seconds: the pointwise one (a model on the
   teacher mesh, or a retriever over its stored collection vectors) with the scale of its scores, and the
-  pairwise one (None: the pointwise-margin rule)."""
+  pairwise one (a model, a retriever with its own scale, or None: the pointwise-margin rule)."""
 
   def __init__(self, teacher_cfg: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher,
-               pairwise: Teacher | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *, collection,
-               corpus_dirs: tuple[pathlib.Path, pathlib.Path]):
+               pairwise: Teacher | load.RetrieverTeacher | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
+               collection, corpus_dirs: dict[str, pathlib.Path]):
     self.scale = _scale(teacher_cfg, pointwise)
-    if isinstance(pointwise, load.RetrieverTeacher):
-      self.pointwise = RetrieverScorer(
-          pointwise.encoder, collection, reuse_dir=corpus_dirs[0], own_dir=corpus_dirs[1],
-          batch_size=teacher_cfg.pointwise.batch_per_device * pointwise.encoder.mesh.size)
-    else:
-      self.pointwise = ShardedScorer(pointwise, mesh, rules,
-                                     batch_per_device=teacher_cfg.pointwise.batch_per_device,
-                                     bucket_multiple=teacher_cfg.bucket_multiple)
-    self.pairwise = None if pairwise is None else ShardedScorer(
-        pairwise, mesh, rules, batch_per_device=teacher_cfg.pairwise.batch_per_device,
-        bucket_multiple=teacher_cfg.bucket_multiple)
+    self.pairwise_scale = pairwise.scale if isinstance(pairwise, load.RetrieverTeacher) else 1.0
+    self.pairs_scored = 0
+
+    def scorer(teacher, role):
+      cfg = teacher_cfg[role]
+      if isinstance(teacher, load.RetrieverTeacher):
+        return RetrieverScorer(teacher.encoder, collection, reuse_dir=corpus_dirs["mining"],
+                               own_dir=corpus_dirs[role], batch_size=cfg.batch_per_device * teacher.encoder.mesh.size)
+      return ShardedScorer(teacher, mesh, rules, batch_per_device=cfg.batch_per_device,
+                           bucket_multiple=teacher_cfg.bucket_multiple)
+
+    self.pointwise = scorer(pointwise, "pointwise")
+    self.pairwise = None if pairwise is None else scorer(pairwise, "pairwise")
 
   def pointwise_scores(self, chunk: Sequence[tuple[str, list[str]]], queries, collection,
                        on_batch: Callable[[int], object]) -> list[np.ndarray]:
@@ -182,13 +189,25 @@ def _score_chunk(chunk: Sequence[tuple[str, list[str]]], queries, collection, sc
 
 def _pair_log_probs(lines, queries, collection, scorers: _TeacherScorers) -> np.ndarray:
   """log P(i beats j) for every selected pair of every line, in order."""
+  scorers.pairs_scored += sum(len(selected) for *_, selected in lines)
   if scorers.pairwise is None:  # the pointwise teacher's margins: log σ(t_i − t_j)
     margins = [s[i] - s[j] for _, _, s, selected in lines for i, j in selected]
-    return -np.logaddexp(np.float32(0), -np.asarray(margins, np.float32))
+    return _log_sigmoid(margins)
+  if isinstance(scorers.pairwise, RetrieverScorer):  # its own margins: log σ(scale · (s_i − s_j))
+    with_pairs = [(qid, p, selected) for qid, p, _, selected in lines if selected]
+    if not with_pairs:
+      return np.zeros(0, np.float32)
+    scores = scorers.pairwise.score([queries[qid] for qid, _, _ in with_pairs], [p for _, p, _ in with_pairs])
+    margins = [s[i] - s[j] for (_, _, selected), s in zip(with_pairs, scores) for i, j in selected]
+    return _log_sigmoid(np.float32(scorers.pairwise_scale) * np.asarray(margins, np.float32))
   texts = [(queries[qid], collection[p[i]], collection[p[j]]) for qid, p, _, selected in lines for i, j in selected]
   if not texts:
     return np.zeros(0, np.float32)
   return scorers.pairwise.score(scorers.pairwise.teacher.encode(texts))
+
+
+def _log_sigmoid(margins) -> np.ndarray:
+  return -np.logaddexp(np.float32(0), -np.asarray(margins, np.float32))
 
 
 def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, queries_path: str,
@@ -197,7 +216,8 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   """Scores `config.teacher.run` into `config.teacher.output` (see the module docstring).
 
   The texts come from `queries_path` and `collection_path` (TSV files or BEIR, read with data.split and
-  data.title_separator). student(cfg) -> Encoder builds a retriever teacher; devices (default: all) carry the
+  data.title_separator). student(cfg, role) -> Encoder builds a retriever teacher; devices (default: all) carry
+  the
   teacher mesh.
   """
   teacher_cfg = config.teacher
@@ -212,7 +232,10 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   load.check_model_dirs(teacher_cfg)
   mesh = teacher_mesh(teacher_cfg, devices)
   pointwise = load.load(teacher_cfg.pointwise, "pointwise", student)
-  manifest = settings(teacher_cfg, run_path, queries_source, collection_source, pointwise, mesh.shape["tensor"])
+  pairwise = (None if teacher_cfg.pairwise.scorer in ("none", "pointwise")
+              else load.load(teacher_cfg.pairwise, "pairwise", student))
+  manifest = settings(teacher_cfg, run_path, queries_source, collection_source, pointwise, pairwise,
+                      mesh.shape["tensor"])
   recorded = io.read_json(io.sidecar(out)) or {}
   if distributed.process_0_decides(out.exists() and recorded.get("settings") == manifest):
     _log.info("Scoring: %s is up to date (same run, teachers and settings); skipped", out)
@@ -220,9 +243,8 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
   queries, collection = queries_source.read(), collection_source.read()
   n_queries, n_passages = _count_and_check(run_path, queries, collection, queries_path, collection_path,
                                            teacher_cfg.top_n)
-  pairwise = (None if teacher_cfg.pairwise.scorer in ("none", "pointwise")
-              else load.load(teacher_cfg.pairwise, "pairwise"))
-  corpus_dirs = (mining.corpus_location(config, workdir, run_path), out.parent / TEACHER_CORPUS_DIR)
+  corpus_dirs = {"mining": mining.corpus_location(config, workdir, run_path),
+                 **{role: out.parent / name for role, name in TEACHER_CORPUS_DIRS.items()}}
   scorers = _TeacherScorers(teacher_cfg, pointwise, pairwise, mesh, sharding.rules(config), collection=collection,
                             corpus_dirs=corpus_dirs)
 
@@ -256,15 +278,17 @@ def score(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, que
 def _remove_teacher_corpus(scorers: _TeacherScorers, config: ml_collections.ConfigDict) -> None:
   """A retriever teacher's collection vectors are deleted once the lines are written (also the mining run's,
   which mining kept for this reuse), unless mine.keep_corpus."""
-  if isinstance(scorers.pointwise, RetrieverScorer) and not config.mine.keep_corpus and jax.process_index() == 0:
-    shutil.rmtree(scorers.pointwise.corpus_dir, ignore_errors=True)
+  if not config.mine.keep_corpus and jax.process_index() == 0:
+    for scorer in (scorers.pointwise, scorers.pairwise):
+      if isinstance(scorer, RetrieverScorer):
+        shutil.rmtree(scorer.corpus_dir, ignore_errors=True)
   distributed.barrier("teacher corpus removed")
 
 
 def _rates(scorers: _TeacherScorers) -> dict[str, float]:
   rates = {"passages/s": scorers.pointwise.items_scored / max(scorers.pointwise.seconds, 1e-9)}
   if scorers.pairwise is not None:
-    rates["pairs/s"] = scorers.pairwise.items_scored / max(scorers.pairwise.seconds, 1e-9)
+    rates["pairs/s"] = scorers.pairs_scored / max(scorers.pairwise.seconds, 1e-9)
   return rates
 
 

@@ -46,6 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import scifact as scifact_config  # noqa: E402
+from pairdistill_jax import io  # noqa: E402
 from pairdistill_jax.data import formats  # noqa: E402
 from pairdistill_jax.errors import ConfigError  # noqa: E402
 from pairdistill_jax.retrieval import significance  # noqa: E402
@@ -111,9 +112,7 @@ class Results:
       record = fn()
       record["seconds"] = round(time.perf_counter() - start, 1)
       self.data["stages"][name] = record
-      tmp = self.path.with_name(self.path.name + ".tmp")
-      tmp.write_text(json.dumps(self.data, indent=1))
-      tmp.replace(self.path)
+      io.write_json(self.path, self.data, indent=1)
     return self.data["stages"][name]
 
 
@@ -217,6 +216,7 @@ class Experiment:
             f"--config.teacher.output={out}", f"--config.mine.corpus_dir={self.shared_corpus}",
             f"--config.teacher.pointwise.model={self.weak_teacher}", "--config.teacher.pointwise.max_length=128",
             "--config.teacher.pairwise.scorer=retriever", f"--config.teacher.pairwise.model={self.minilm}",
+            "--config.teacher.pairwise.max_length=0",  # MiniLM's own 256, as evaluated: it reuses its vectors
             "--config.mine.keep_corpus=True", *overrides, "--mode=score"]
 
   def weak_pointwise(self, kinds: list[str], seed: int) -> None:

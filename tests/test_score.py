@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from configs import colbert
-from pairdistill_jax import io
+from pairdistill_jax import config_lib, io
 from pairdistill_jax.data import formats
 from pairdistill_jax.teachers import rounds, score
 
@@ -225,3 +225,10 @@ def test_bi_encoder_as_pairwise_teacher_beside_a_cross_encoder(task, scored, min
     cos = model.encode([collection[p] for p in example.pids], normalize_embeddings=True).astype(np.float64) @ q_D
     expected = [-np.logaddexp(0.0, -(scale or 20.0) * (cos[i] - cos[j])) for i, j, _ in example.pairs]
     np.testing.assert_allclose([lp for *_, lp in example.pairs], expected, atol=2e-5 * (scale or 20.0))
+
+
+def test_a_pairwise_scale_without_a_retriever_pairwise_teacher_is_refused(task):
+  config = _config(task[0], "unused.jsonl")
+  config.teacher.pairwise.scale = 5.0
+  with pytest.raises(config_lib.ConfigError, match=r"teacher.pairwise.scale=5.0 scales a retriever's margins"):
+    score.check_teacher_config(config.teacher)

@@ -108,7 +108,7 @@ class RetrieverTeacher:
   """A student retriever as a teacher (scored by `teachers.retriever.RetrieverScorer`).
 
   Its name carries the encoder's fingerprint (weights and settings): two students at the same step differ.
-  `scale` multiplies its scores into teacher logits (see `retriever_scale`).
+  `scale` multiplies its scores into teacher logits (see `teacher_scale`).
   """
 
   encoder: Encoder
@@ -124,7 +124,7 @@ class RetrieverTeacher:
 COSINE_SCALE = 20.0
 
 
-def retriever_scale(cfg: ml_collections.ConfigDict, encoder: Encoder | None = None, role: str = "pointwise") -> float:
+def teacher_scale(cfg: ml_collections.ConfigDict, encoder: Encoder | None = None, role: str = "pointwise") -> float:
   """teacher.<role>.scale, or when 0 its default: COSINE_SCALE for a cosine retriever (scores in [-1, 1],
   whose raw softmax is nearly uniform), else 1 (cross-encoder and monoT5 logits, MaxSim sums and dot products
   are used as they are)."""
@@ -164,5 +164,5 @@ def load(cfg: ml_collections.ConfigDict, role: str,
     if student is None:
       raise ValueError(f"teacher.{role}.scorer='retriever' needs a student factory (run it through --mode=score)")
     encoder = student(cfg, role)
-    return RetrieverTeacher(encoder, retriever_scale(cfg, encoder, role))
+    return RetrieverTeacher(encoder, teacher_scale(cfg, encoder, role))
   raise ValueError(f"teacher.{role}.scorer={cfg.scorer!r} has no model")

@@ -60,6 +60,9 @@ def check_teacher_config(teacher_cfg: ml_collections.ConfigDict) -> None:
   if teacher_cfg.nway > teacher_cfg.top_n:
     raise config_lib.ConfigError(f"teacher.nway={teacher_cfg.nway} exceeds teacher.top_n={teacher_cfg.top_n}: the "
                                  f"lines keep the best nway of the top_n scored passages")
+  if teacher_cfg.pairwise.scale and teacher_cfg.pairwise.scorer != "retriever":
+    raise config_lib.ConfigError(f"teacher.pairwise.scale={teacher_cfg.pairwise.scale} scales a retriever's margins; "
+                                 f"teacher.pairwise.scorer={teacher_cfg.pairwise.scorer!r} gives probabilities itself")
   for role, scorers in (("pointwise", load.POINTWISE_SCORERS), ("pairwise", load.PAIRWISE_SCORERS)):
     if teacher_cfg[role].scorer not in scorers:
       raise config_lib.ConfigError(f"teacher.{role}.scorer must be one of {scorers}, got {teacher_cfg[role].scorer!r}")
@@ -93,7 +96,7 @@ def _ranked(scored: dict[str, float], top_n: int) -> list[str]:
 def _scale(teacher_cfg: ml_collections.ConfigDict, pointwise: Teacher | load.RetrieverTeacher) -> float:
   if isinstance(pointwise, load.RetrieverTeacher):
     return pointwise.scale
-  return load.retriever_scale(teacher_cfg.pointwise)
+  return load.teacher_scale(teacher_cfg.pointwise)
 
 
 def _count_and_check(run_path: pathlib.Path, queries, collection, queries_path, collection_path,

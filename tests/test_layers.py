@@ -19,8 +19,8 @@ LAYERS = {  # README: Layout
     1: "errors io remote distributed data.formats data.formats.common data.formats.training_lines "
        "data.formats.collection data.formats.qrels data.formats.runs data.formats.sources models.attention "
        "models.initializers models.bert models.scoring models.cross_encoder models.t5 retrieval.devices "
-       "retrieval.metrics retrieval.faiss_index bench.hlo bench.machine bench.measure bench.memory teachers.inputs "
-       "teachers.pairs train.preemption",
+       "retrieval.metrics retrieval.faiss_index retrieval.significance bench.hlo bench.machine bench.measure "
+       "bench.memory teachers.inputs teachers.pairs train.preemption",
     2: "students students.registry config_lib paths workdir sharding data.batching data.demo data.tokenization losses",
     3: "convert convert.bert_table convert.t5_table convert.hf_io convert.export data.array_cache data.row_index "
        "data.store data.training_set data.pipeline train.state train.metrics_log",

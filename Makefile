@@ -16,7 +16,7 @@ PLATFORM := $(or $(shell cat $(VENV)/.platform 2>/dev/null),cpu)
 REQS := $(REQS_$(PLATFORM))
 FAISS_DISTS := faiss-cpu faiss-gpu faiss-gpu-cu12 faiss-gpu-cu11
 
-.PHONY: demo demo-dpr demo-rounds test lint test-slow eval-beir eval-scifact scifact check-colbert-libs venv clean \
+.PHONY: demo demo-dpr demo-rounds test lint test-slow test-experiment eval-beir eval-scifact scifact check-colbert-libs venv clean \
   install-cpu install-gpu install-tpu
 
 venv: $(STAMP)
@@ -64,6 +64,10 @@ lint: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+# experiments/scifact.py end to end on a tiny BEIR folder made from the demo (CI runs it after make test).
+test-experiment: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m experiment
 
 # Evaluates a model directory (stanford ColBERT, HF or sentence-transformers; POOLING=cls|mean where it has no
 # Pooling config) on a BEIR folder's test split: make eval-beir DATA=/data/scifact MODEL=/models/all-MiniLM-L6-v2

@@ -14,6 +14,8 @@ import data_helpers
 from pairdistill_jax import io
 from pairdistill_jax.data import formats
 
+pytestmark = pytest.mark.experiment  # 4 minutes: `make test-experiment`, which CI runs after make test
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(ROOT / "experiments" / "scifact.py")]
 SMALL = ["--layers=1", "--steps=3", "--kinds=dpr", "--seeds=1", "--runs=pairdistill,no_pairs",

@@ -408,7 +408,8 @@ def comparisons(stages: dict) -> str:
   for a_name, b_name in pairs:
     a_records = by_name[a_name]
     b_records = [stages[b_name]] if b_name in stages else by_name[b_name]
-    rows.append(_comparison_row(f"{a_name} − {b_name.partition('/')[2]}", a_records, b_records))
+    base = a_name.rpartition("/")[0] + "/"
+    rows.append(_comparison_row(f"{a_name} − {b_name.removeprefix(base)}", a_records, b_records))
   return _markdown(rows) if len(rows) > 1 else ""
 
 

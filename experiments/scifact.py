@@ -61,9 +61,10 @@ RUNS = {  # name: overrides of the students' training
 WEAK_RUNS = ("pairdistill", "no_pairs")
 EXPORTS = {"dpr": "query_encoder", "colbert": "colbert"}  # the exported directory evaluated (shared DPR tower)
 METRIC = "nDCG@10"  # the per-query metric kept and tested
-# Seconds each kind of stage took on a 2-core Xeon (layers 2, 120 steps): the estimate before stages ran here.
-PRIOR_SECONDS = {"teacher": 260, "mine": 15, "score": 15, "before/dpr": 100, "before/colbert": 170,
-                 "run/dpr": 330, "run/colbert": 400, "weak_score": 120, "round2/dpr": 600, "round2/colbert": 700,
+# Seconds each kind of stage took on a quiet 2-core Xeon (layers 2, 120 steps; round2 guessed from its parts): the
+# estimate before stages have run in this workdir.
+PRIOR_SECONDS = {"teacher": 260, "mine": 15, "score": 15, "before/dpr": 100, "before/colbert": 120,
+                 "run/dpr": 230, "run/colbert": 290, "weak_score": 40, "round2/dpr": 600, "round2/colbert": 700,
                  "split": 1}
 
 

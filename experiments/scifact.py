@@ -242,7 +242,7 @@ class Experiment:
       lines = self.weak_lines
       if override.startswith("--config.teacher."):  # rescored lines
         lines = tune_dir / "score" / tag / "train.jsonl"
-        self.plan.add(f"tune/score/{tag}", "weak_score", lambda lines=lines, override=override: {
+        self.plan.add(f"tune/score/{tag}", "weak_score", lambda tag=tag, lines=lines, override=override: {
             "output": run(f"tune/score/{tag}", self.weak_score_args(lines, override), self.workdir)[-300:]})
       without_dev = lines.with_name(f"{lines.stem}.without_dev.jsonl")
       here = tune_dir / kind / tag

@@ -418,7 +418,7 @@ def _comparison_row(label: str, a_records: list[dict], b_records: list[dict]) ->
   result = significance.compare([r["per_query"][METRIC] for r in a_records],
                                 [r["per_query"][METRIC] for r in b_records])
   per_seed = [ra["metrics"][METRIC] - rb["metrics"][METRIC] for ra, rb in zip(a_records, b_records)]
-  return (label, f"{len(a_records)} / {len(b_records)}", f"{result.delta:+.4f}", f"{result.p_value:.3f}",
+  return (label, f"{len(a_records)} / {len(b_records)}", f"{result.delta:+.4f}", _p(result.p_value),
           f"{result.wins[0]} / {result.wins[1]}", ", ".join(f"{d:+.4f}" for d in per_seed))
 
 
@@ -433,11 +433,16 @@ def tuning(stages: dict) -> str:
     for base in (f"tune/{kind}/default", f"tune/{kind}/loss.pair_alpha=0"):
       if base in runs and base != name:
         result = significance.compare([record["per_query"][METRIC]], [runs[base]["per_query"][METRIC]])
-        cells += [f"{result.delta:+.4f}", f"{result.p_value:.3f}"]
+        cells += [f"{result.delta:+.4f}", _p(result.p_value)]
       else:
         cells += ["", ""]
     rows.append(tuple(cells))
   return _markdown(rows) if len(rows) > 1 else ""
+
+
+def _p(value: float) -> str:
+  """A p-value to 3 decimals, or its order below 0.001 (100,000 resamples resolve about 1e-5)."""
+  return f"{value:.3f}" if value >= 0.001 else f"{value:.0e}"
 
 
 def _markdown(rows: list[tuple[str, ...]]) -> str:

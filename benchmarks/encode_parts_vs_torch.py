@@ -3,9 +3,10 @@
   .venv/bin/python benchmarks/encode_parts_vs_torch.py        # encode_vs_torch's call: 128 passages x 256 tokens
 
 The four matrix products of a layer (QKV, attention output, FFN in and out) as jitted `x @ w` against
-`torch.mm` (oneDNN), then attention softmax(QKᵀ)V over [passages, heads, tokens, head dim] as XLA einsums,
-as those einsums mapped over chunks of sequences (`lax.map`), as `jax.nn.dot_product_attention` (XLA) and as
-torch's fused `scaled_dot_product_attention` and its unfused equivalent. float32, random inputs, medians of
+`torch.mm` (oneDNN), then attention softmax(QKᵀ)V over [passages, heads, tokens, head dim] by the project's
+kernels (`models/attention.py`: `einsum`, and `chunked`, what model.attention=auto runs on CPU), as
+`jax.nn.dot_product_attention` (XLA) and as torch's fused `scaled_dot_product_attention` and its unfused
+equivalent. float32, random inputs, medians of
 --repeats calls after one warm-up; XLA runs without YNNPACK fusions, as the CLI does.
 """
 
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pairdistill_jax.bench import machine  # noqa: E402
+from pairdistill_jax.models import attention as kernels  # noqa: E402
 
 
 def median_seconds(call, repeats: int) -> float:
@@ -59,21 +61,18 @@ def gemms(tokens: int, hidden: int, intermediate: int, repeats: int) -> None:
 
 def attention(batch: int, heads: int, length: int, head_dim: int, repeats: int) -> None:
   q = np.random.rand(batch, heads, length, head_dim).astype(np.float32)
-  jq, tq = jnp.asarray(q), torch.from_numpy(q)
+  jq, tq = jnp.asarray(q).swapaxes(1, 2), torch.from_numpy(q)  # JAX's kernels take [B, L, N, D]
+  bias = kernels.attention_mask_bias(jnp.ones((batch, length), jnp.int32))
 
-  def einsums(x):
-    return jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", x, x), -1) @ x
-
-  def mapped(x, chunk):
-    return jax.lax.map(einsums, x.reshape(batch // chunk, chunk, *x.shape[1:])).reshape(x.shape)
+  def project_kernel(kernel):
+    return jax.jit(lambda x: kernels.attend(kernel, x, x, x, bias, dropout=lambda p: p))
 
   def dot_product_attention(x):
-    x = x.swapaxes(1, 2)
-    return jax.nn.dot_product_attention(x, x, x, implementation="xla").swapaxes(1, 2)
+    return jax.nn.dot_product_attention(x, x, x, implementation="xla")
 
-  runs = {"jax einsums": jax.jit(einsums), "jax dot_product_attention (xla)": jax.jit(dot_product_attention)}
-  runs |= {f"jax einsums over chunks of {c}": jax.jit(lambda x, c=c: mapped(x, c)) for c in (1, 4, 16)
-           if batch % c == 0}
+  chunks = kernels.chunk_count(batch, heads, length)
+  runs = {"jax einsum": project_kernel("einsum"), f"jax chunked ({chunks} chunks)": project_kernel("chunked"),
+          "jax dot_product_attention (xla)": jax.jit(dot_product_attention)}
   print(f"attention softmax(QK^T)V, {batch} x {heads} heads, {length} x {length}, head dim {head_dim}:")
   for name, fn in runs.items():
     print(f"  {name:34s} {median_seconds(lambda fn=fn: fn(jq).block_until_ready(), repeats) * 1e3:6.0f} ms")

@@ -16,7 +16,7 @@ import ml_collections
 
 from pairdistill_jax.data import formats
 from pairdistill_jax.errors import ConfigError
-from pairdistill_jax.models.attention import ATTENTION_KERNELS, FUSED_ATTENTION
+from pairdistill_jax.models.attention import ATTENTION_KERNELS, NO_DROPOUT_ATTENTION
 from pairdistill_jax.models.bert import COMPUTE_DTYPES, REMAT_POLICIES
 from pairdistill_jax.students import registry as students
 
@@ -186,7 +186,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, need_data: boo
            f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {model_cfg.remat!r}")
   _require(model_cfg.attention in ATTENTION_KERNELS,
            f"model.attention must be one of {ATTENTION_KERNELS}, got {model_cfg.attention!r}")
-  _require(model_cfg.attention not in FUSED_ATTENTION or model_cfg.bert.attention_probs_dropout_prob == 0,
+  _require(model_cfg.attention not in NO_DROPOUT_ATTENTION or model_cfg.bert.attention_probs_dropout_prob == 0,
            f"model.attention={model_cfg.attention!r} has no attention-probability dropout: set "
            f"--config.model.bert.attention_probs_dropout_prob=0 or --config.model.attention=auto")
   _require(model_cfg.query_maxlen >= 3, f"model.query_maxlen={model_cfg.query_maxlen} leaves no room for query tokens")

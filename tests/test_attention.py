@@ -1,9 +1,11 @@
-"""Attention kernels: auto's choice per platform (platform mocked), the TPU Pallas kernel against the einsums in
-Pallas TPU interpret mode (on CPU), alone, in the encoder and sharded. The einsums' own truth is PyTorch
-(tests/test_bert_parity.py); cuDNN runs in tests/test_gpu.py."""
+"""Attention kernels: auto's choice per platform (platform mocked), the chunked einsums and the TPU Pallas kernel
+(in Pallas TPU interpret mode, on CPU) against the einsums, alone, in the encoder and sharded. The einsums' own
+truth is PyTorch (tests/test_bert_parity.py, where auto runs the chunked einsums); cuDNN runs in
+tests/test_gpu.py."""
 
 import functools
 import logging
+import re
 import types
 
 import flax.linen as nn
@@ -49,7 +51,7 @@ def lengths_mask(lengths, length):
     ("tpu", BF16, 256, 31, False, "pallas"),
     ("tpu", BF16, 192, 180, False, "einsum"),
     ("tpu", BF16, 64, 180, True, "einsum"),
-    ("cpu", BF16, 32, 180, False, "einsum"),
+    ("cpu", BF16, 32, 180, False, "chunked"),
     ("cpu", F32, 32, 180, True, "einsum"),
 ])
 def test_auto_picks_per_platform(platform, dtype, head_dim, length, dropout, want):
@@ -63,7 +65,7 @@ def test_explicit_kernels_are_kept_and_fused_ones_refuse_dropout():
   for name in attention.ATTENTION_KERNELS[1:]:
     assert attention.select_attention(name, F32, 32, 180, False, platform="cpu")[0] == name
   assert attention.select_attention("einsum", F32, 32, 180, True, platform="tpu")[0] == "einsum"
-  for name in attention.FUSED_ATTENTION:
+  for name in attention.NO_DROPOUT_ATTENTION:
     with pytest.raises(ValueError, match="attention_probs_dropout_prob=0"):
       attention.select_attention(name, BF16, 32, 180, True, platform="cuda")
   with pytest.raises(ValueError, match="attention must be one of"):
@@ -139,6 +141,80 @@ def test_encoder_with_pallas_matches_the_einsums(interpret):
   scale = max(np.abs(g).max() for g in jax.tree.leaves(want_grads))
   for grad, want_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     assert np.abs(np.asarray(grad - want_grad)).max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("batch, heads, length, shards, want", [
+    (128, 12, 256, 1, 128),  # 3 MiB of logits per sequence: one per chunk
+    (128, 12, 128, 1, 32),  # 0.75 MiB: 5 fit, 4 divide 128
+    (128, 12, 32, 1, 2),  # 48 KiB: 85 fit, 64 divide 128
+    (8, 4, 64, 1, 1),  # the whole batch fits
+    (8, 4, 1024, 4, 2),  # 16 MiB each, 2 rows per device: 2 chunks of one row per device
+    (24, 12, 256, 2, 12),
+])
+def test_chunk_count_fits_the_logits_budget_and_divides_each_devices_rows(batch, heads, length, shards, want):
+  mesh = jax.make_mesh((shards, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                       devices=jax.devices()[:shards])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(common.sharding_rules()):
+    assert attention.chunk_count(batch, heads, length) == want
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+  """Logits budget of 2 sequences of encoder_inputs() ([4 heads, 20, 20] float32 each): 4 chunks of 2."""
+  monkeypatch.setattr(attention, "_CHUNK_LOGITS_BYTES", 2 * 4 * 20 * 20 * 4)
+
+
+def test_encoder_with_chunked_attention_matches_the_einsums(small_chunks):
+  params, ids, mask = encoder_inputs()
+  assert attention.chunk_count(*mask.shape[:1], TINY.num_attention_heads, mask.shape[1]) == 4
+
+  @functools.partial(jax.jit, static_argnames="attention")
+  def run(params, attention):
+    apply = lambda p: bert.BertEncoder(TINY, attention=attention).apply({"params": p}, ids, mask)
+    hidden, pooled = apply(params)
+    return hidden, pooled, jax.grad(lambda p: jnp.sum(apply(p)[0] ** 2))(params)
+
+  want_hidden, want_pooled, want_grads = run(params, "einsum")
+  hidden, pooled, grads = run(params, "chunked")
+  assert np.abs(np.asarray(hidden - want_hidden)).max() <= 1e-6 * np.abs(want_hidden).max()
+  assert np.abs(np.asarray(pooled - want_pooled)).max() <= 1e-6
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(want_grads))
+  for grad, want_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert np.abs(np.asarray(grad - want_grad)).max() <= 1e-6 * scale
+
+
+def collectives(compiled_text: str) -> tuple[set[str], list[str]]:
+  """The shapes a compiled program all-gathers, and the other collectives it has."""
+  gathers = set(re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", compiled_text))
+  return gathers, [op for op in ("all-to-all", "all-reduce", "collective-permute") if op in compiled_text]
+
+
+def test_chunked_attention_stays_split_over_the_batch_shards(monkeypatch):
+  """On a mesh each chunk takes rows of every device (strided): the sharded encoder communicates what the
+  einsums' does (its FSDP-split weights), nothing more."""
+  monkeypatch.setattr(attention, "_CHUNK_LOGITS_BYTES", 4 * 20 * 20 * 4)  # one sequence per device
+  params, ids, mask = encoder_inputs()
+  want = bert.BertEncoder(TINY, attention="einsum").apply({"params": params}, ids, mask)[0]
+  mesh = jax.make_mesh((2, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                       devices=jax.devices()[:4])
+
+  @functools.partial(jax.jit, static_argnames="kernel")
+  def encode(params, ids, mask, kernel):
+    with nn.logical_axis_rules(common.sharding_rules()):
+      return bert.BertEncoder(TINY, attention=kernel).apply({"params": params}, ids, mask)[0]
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(common.sharding_rules()):
+    assert attention.chunk_count(8, TINY.num_attention_heads, 20) == 2  # 2 rows per device, 1 per chunk
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    ids, mask = jax.device_put(ids, rows), jax.device_put(mask, rows)
+    got = encode(params, ids, mask, "chunked")
+    programs = {k: encode.lower(params, ids, mask, k).compile().as_text() for k in ("einsum", "chunked")}
+  gathers, others = collectives(programs["chunked"])
+  assert (gathers, others) == collectives(programs["einsum"]) and not others
+  assert all(len(shape.split(",")) <= 2 for shape in gathers)  # weights only, no [rows, length, ...]
+  assert "while" in programs["chunked"] and "while" not in programs["einsum"]
+  assert got.sharding.spec[0] == ("data", "fsdp")
+  assert np.abs(np.asarray(got - want)).max() <= 1e-5
 
 
 def kernel_stand_in(q_BxNxPxD, k_BxNxPxD, v_BxNxPxD, keys_BxP):

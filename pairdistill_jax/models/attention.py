@@ -2,6 +2,8 @@
 
   einsum                 softmax attention as two einsums, heads-major (the XLA formulation); the only kernel with
                          attention-probability dropout
+  chunked                those einsums over chunks of sequences (`lax.map`), each chunk's logits small enough to stay
+                         in a CPU core's cache (XLA:CPU has no fused attention kernel)
   dot_product_attention  `jax.nn.dot_product_attention`, implementation chosen by JAX
   cudnn                  its cuDNN flash attention (NVIDIA GPUs from Ampere on, bfloat16/float16)
   pallas                 the TPU Pallas flash attention kernel, per shard of the batch and heads under a mesh
@@ -30,11 +32,12 @@ from pairdistill_jax.models.initializers import Axes
 Array = jax.Array
 
 # model.attention: 'auto' picks one of the others per platform (select_attention).
-ATTENTION_KERNELS = ("auto", "einsum", "dot_product_attention", "cudnn", "pallas")
-FUSED_ATTENTION = ("dot_product_attention", "cudnn", "pallas")  # no attention-probability dropout
+ATTENTION_KERNELS = ("auto", "einsum", "chunked", "dot_product_attention", "cudnn", "pallas")
+NO_DROPOUT_ATTENTION = ("chunked", "dot_product_attention", "cudnn", "pallas")  # no attention-probability dropout
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention on Ampere (256 from Hopper on)
 _PALLAS_BLOCK = 128  # the TPU flash_attention tile: sequences are padded to a multiple of it
+_CHUNK_LOGITS_BYTES = 4 << 20  # float32 logits of one chunk of sequences per device ('chunked')
 
 
 def attention_mask_bias(attention_mask_BxL: Array) -> Array:
@@ -60,14 +63,14 @@ def select_attention(attention: str, dtype: Any, head_dim: int, length: int, dro
   """The kernel model.attention=`attention` runs as, and why.
 
   'auto' takes cuDNN flash attention on NVIDIA GPUs (bfloat16/float16 and shapes it supports), the Pallas
-  flash attention kernel on TPUs and the einsums (the XLA path) everywhere else; training with
+  flash attention kernel on TPUs, the chunked einsums on CPUs and the einsums elsewhere; training with
   attention-probability dropout (`dropout`) always takes the einsums, the only kernel that has it.
   platform: as `_platform()` names it (by default the platform jitted computations run on).
   """
   if attention not in ATTENTION_KERNELS:
     raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
   if attention != "auto":
-    if dropout and attention in FUSED_ATTENTION:
+    if dropout and attention in NO_DROPOUT_ATTENTION:
       raise ValueError(
           f"attention={attention!r} has no attention-probability dropout but training applies it; set "
           "--config.model.bert.attention_probs_dropout_prob=0 or use attention='auto' or 'einsum'.")
@@ -85,7 +88,9 @@ def select_attention(attention: str, dtype: Any, head_dim: int, length: int, dro
     if head_dim > _PALLAS_BLOCK and head_dim % _PALLAS_BLOCK:
       return "einsum", f"the TPU flash attention kernel does not take head dim {head_dim}"
     return "pallas", "TPU"
-  return "einsum", f"{platform}: the einsums are the XLA formulation and the fastest measured on CPU"
+  if platform == "cpu":
+    return "chunked", "CPU: the einsums over chunks of sequences whose logits stay in cache"
+  return "einsum", f"{platform}: the einsums (the XLA formulation)"
 
 
 @functools.cache
@@ -111,6 +116,40 @@ def _einsum_attention(q_BxLxNxD: Array, k_BxLxNxD: Array, v_BxLxNxD: Array, mask
   probs_BxNxLxL = dropout(jax.nn.softmax(logits_BxNxLxL, axis=-1))
   out_BxNxLxD = jnp.einsum("bnqk,bnkd->bnqd", probs_BxNxLxL.astype(v_BxNxLxD.dtype), v_BxNxLxD)
   return out_BxNxLxD.transpose(0, 2, 1, 3)
+
+
+def _batch_shards(batch: int) -> int:
+  """How many devices the batch dimension is split over under the mesh and logical-axis rules in effect."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = _shard_spec(("batch",), (batch,))[0]
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[n] for n in (axes if isinstance(axes, tuple) else (axes,)))
+
+
+def chunk_count(batch: int, heads: int, length: int) -> int:
+  """Into how many chunks `_chunked_attention` splits a batch: the fewest whose float32 logits on a device
+  ([rows, heads, length, length]) fit _CHUNK_LOGITS_BYTES, one sequence per device at least. The count
+  divides each device's rows, so that every chunk stays split over the batch shards."""
+  local = batch // _batch_shards(batch)
+  rows = max(1, _CHUNK_LOGITS_BYTES // (heads * length * length * 4))
+  return min(m for m in range(1, local + 1) if local % m == 0 and local // m <= rows)
+
+
+def _chunked_attention(q_BxLxNxD: Array, k_BxLxNxD: Array, v_BxLxNxD: Array, mask_bias_Bx1x1xL: Array) -> Array:
+  """`_einsum_attention` over strided chunks of sequences (chunk i: rows i, i + C, ...; `chunk_count`), one
+  after the other (`lax.map`), so that each chunk's logits stay in cache instead of the whole batch's going
+  through memory. Each chunk is rematerialised for the backward pass (its logits recomputed, not stored)."""
+  batch, length, heads, _ = q_BxLxNxD.shape
+  chunks = chunk_count(batch, heads, length)
+
+  def split(x: Array) -> Array:
+    return x.reshape(batch // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)
+
+  attend_chunk = jax.checkpoint(lambda qkvb: _einsum_attention(*qkvb, dropout=lambda p: p))
+  inputs = (q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_bias_Bx1x1xL)
+  out_CxRxLxNxD = jax.lax.map(attend_chunk, tuple(split(x) for x in inputs))
+  return out_CxRxLxNxD.swapaxes(0, 1).reshape(q_BxLxNxD.shape)
 
 
 def _fused_inputs(q_BxLxNxD: Array, mask_bias_Bx1x1xL: Array) -> tuple[Array, Array]:
@@ -187,5 +226,7 @@ def attend(kernel: str, q_BxLxNxD: Array, k_BxLxNxD: Array, v_BxLxNxD: Array, ma
   ATTENTION_KERNELS but 'auto': see `choose_kernel`); `dropout` applies to the einsums' probabilities."""
   if kernel == "einsum":
     return _einsum_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_bias_Bx1x1xL, dropout)
+  if kernel == "chunked":
+    return _chunked_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_bias_Bx1x1xL)
   q_BxLxNxD, keys_BxL = _fused_inputs(q_BxLxNxD, mask_bias_Bx1x1xL)
   return _FUSED[kernel](q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, keys_BxL)

@@ -172,10 +172,11 @@ class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product attention, float32 softmax.
 
   `attention` picks the kernel (models/attention.py): 'einsum' (explicit einsums, attention-probability
-  dropout), 'dot_product_attention' (`jax.nn.dot_product_attention`, implementation chosen by JAX), 'cudnn'
-  (its cuDNN flash attention), 'pallas' (the TPU Pallas flash attention kernel) or 'auto' (per platform).
-  The fused kernels have no attention-probability dropout: training with them needs
-  attention_probs_dropout_prob 0. All of them attend to the keys the mask keeps from every query row.
+  dropout), 'chunked' (those einsums over chunks of sequences, for CPUs), 'dot_product_attention'
+  (`jax.nn.dot_product_attention`, implementation chosen by JAX), 'cudnn' (its cuDNN flash attention), 'pallas'
+  (the TPU Pallas flash attention kernel) or 'auto' (per platform). All but 'einsum' have no
+  attention-probability dropout: training with them needs attention_probs_dropout_prob 0. All of them attend
+  to the keys the mask keeps from every query row.
   """
 
   config: BertConfig

@@ -4,6 +4,7 @@
   .venv/bin/python benchmarks/encode_vs_torch.py --ynn=off      # XLA without YNNPACK fusions
   .venv/bin/python benchmarks/encode_vs_torch.py --batch_size=32 --pairs=3   # a quicker look
   .venv/bin/python benchmarks/encode_vs_torch.py --attention=einsum # another attention kernel (default auto)
+  .venv/bin/python benchmarks/encode_vs_torch.py --attention=values # both sides without attention: its cost
 
 JAX: `retrieval.encoders.Encoder.encode('doc', ...)` of a ColBERT student at the MiniLM shape (6 layers x 384,
 12 heads, intermediate 1536), float32: rows put on the devices, the jitted `encode_doc` (BERT, Linear H->128,
@@ -39,7 +40,6 @@ def _parse_args() -> argparse.Namespace:
   parser.add_argument("--length", type=int, default=256, help="tokens per passage (the encoding width)")
   parser.add_argument("--min_len", type=int, default=0, help="shortest passage (0: all --length long)")
   parser.add_argument("--batch_size", type=int, default=0, help="passages per call (0: eval.batch_size)")
-  parser.add_argument("--attention", default="auto", help="model.attention (auto: chunked einsums on CPU)")
   args = parser.parse_args()
   ref.check_args(args)
   return args
@@ -50,7 +50,8 @@ def colbert_config(args: argparse.Namespace):
   from configs import colbert
 
   config = colbert.get_config()
-  config.model.update(doc_maxlen=args.length, dim=args.dim, dtype="float32", attention=args.attention)
+  config.model.update(doc_maxlen=args.length, dim=args.dim, dtype="float32",
+                      attention=ref.jax_attention(args.attention))
   config.model.bert.update(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                            num_attention_heads=args.heads, intermediate_size=args.intermediate)
   args.batch_size = args.batch_size or config.eval.batch_size

@@ -3,6 +3,7 @@
   .venv/bin/python benchmarks/step_vs_torch.py                 # MiniLM shape, 2 queries x nway 16, 5 pairs
   .venv/bin/python benchmarks/step_vs_torch.py --ynn=off       # XLA without YNNPACK fusions
   .venv/bin/python benchmarks/step_vs_torch.py --pairs=3 --doc_len=64   # a quicker look
+  .venv/bin/python benchmarks/step_vs_torch.py --dropout=0 --attention=values  # both sides without attention
 
 JAX: `train.step.make_train_step` of configs/colbert.py with the MiniLM shape (6 layers x 384, 12 heads,
 intermediate 1536), float32, the config's dropout (0.1 hidden and attention), the KD loss alone
@@ -53,7 +54,8 @@ def colbert_config(args: argparse.Namespace):
   from configs import colbert
 
   config = colbert.get_config(f"batch_size={args.queries},nway={args.nway}")
-  config.model.update(query_maxlen=args.query_len, doc_maxlen=args.doc_len, dim=args.dim, dtype="float32")
+  config.model.update(query_maxlen=args.query_len, doc_maxlen=args.doc_len, dim=args.dim, dtype="float32",
+                      attention=ref.jax_attention(args.attention))
   config.model.bert.update(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                            num_attention_heads=args.heads, intermediate_size=args.intermediate)
   if args.dropout is not None:

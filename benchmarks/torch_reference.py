@@ -39,6 +39,10 @@ def add_shape_args(parser: argparse.ArgumentParser, *, warmup: int) -> None:
                       help="off | on | default | a YNN fusion type list (sets %s before jax loads)" % YNN_FLAG)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default="", help="append the RESULT record (machine, medians, ratio) to this file")
+  parser.add_argument("--attention", default="auto",
+                      help="model.attention of the JAX side, or 'values': both sides' attention replaced by its "
+                           "values (plus 0 x queries and keys, so that their projections still run), which "
+                           "measures what attention costs each side")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -55,6 +59,34 @@ def apply_xla_flags(ynn: str) -> str:
     flags.append(f"{YNN_FLAG}={YNN_VALUES.get(ynn, ynn)}")
   os.environ["XLA_FLAGS"] = " ".join(flags)
   return os.environ["XLA_FLAGS"]
+
+
+VALUES = "values"  # --attention=values: the ablation without attention
+
+
+def jax_attention(attention: str) -> str:
+  """The model.attention the JAX side runs; for --attention=values the project's `attend` is replaced by the
+  values (the kernel named then is never called)."""
+  if attention != VALUES:
+    return attention
+  from pairdistill_jax.models import bert
+
+  bert.attend = lambda kernel, q, k, v, mask_bias, dropout: v + 0 * (q + k)
+  return "einsum"
+
+
+def torch_attention(attention: str) -> str:
+  """The transformers attention implementation of the torch side: SDPA, or for --attention=values the values
+  (as `jax_attention`)."""
+  if attention != VALUES:
+    return "sdpa"
+  import transformers
+
+  def values(module, query, key, value, attention_mask, **kwargs):
+    return (value + 0 * (query + key)).transpose(1, 2).contiguous(), None
+
+  transformers.AttentionInterface.register(VALUES, values)
+  return VALUES
 
 
 def loadavg() -> str:
@@ -149,7 +181,8 @@ def padded_ids(rng: np.random.Generator, rows: int, length: int, vocab: int, min
 
 
 def torch_colbert(torch, args: argparse.Namespace, dropout: float, attention_dropout: float):
-  """transformers BertModel (no pooler; SDPA attention) + bias-free Linear H->dim, as stanford HF_ColBERT."""
+  """transformers BertModel (no pooler; SDPA attention, or none with --attention=values) + bias-free Linear
+  H->dim, as stanford HF_ColBERT."""
   import transformers
 
   class TorchColBERT(torch.nn.Module):
@@ -159,7 +192,7 @@ def torch_colbert(torch, args: argparse.Namespace, dropout: float, attention_dro
       config = transformers.BertConfig(
           vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
           num_attention_heads=args.heads, intermediate_size=args.intermediate, hidden_dropout_prob=dropout,
-          attention_probs_dropout_prob=attention_dropout, attn_implementation="sdpa")
+          attention_probs_dropout_prob=attention_dropout, attn_implementation=torch_attention(args.attention))
       self.bert = transformers.BertModel(config, add_pooling_layer=False)
       self.linear = torch.nn.Linear(args.hidden, args.dim, bias=False)
 

@@ -26,7 +26,7 @@ _INIT_STD = 0.02  # HF initializer_range
 _SUPPORTED_ACT = "gelu"  # HF "gelu" is the exact erf GELU
 _SUPPORTED_POSITIONS = "absolute"
 COMPUTE_DTYPES = ("float32", "bfloat16")  # model.dtype and the teachers' dtype (parameters stay float32)
-ACTIVATION_AXES = ("batch", None, None)  # hidden states: split along the batch, whole along length and H
+TOKEN_AXES = ("batch", None)  # hidden states as token rows [B*L, H]: split along the batch, whole along H
 # model.remat: the nn.remat policy per name; 'none' does not rematerialise at all.
 REMAT_POLICIES = {
     "none": None,
@@ -100,6 +100,12 @@ class BertConfig:
         "initializer_range": _INIT_STD,
         **d,
     }
+
+
+def _gelu(x: Array) -> Array:
+  """The exact GELU as HF and PyTorch compute it, x/2 (1 + erf(x/sqrt 2)); XLA:CPU evaluates erf faster than
+  the erfc of `jax.nn.gelu(approximate=False)`."""
+  return 0.5 * x * (1 + jax.lax.erf(x * 0.5**0.5))
 
 
 def _dense(features: int, kernel_axes: Axes, dtype: Any, name: str) -> nn.Dense:
@@ -184,21 +190,22 @@ class BertSelfAttention(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
+  def __call__(self, x_TxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
     cfg = self.config
     heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
+    batch, length = mask_bias_Bx1x1xL.shape[0], mask_bias_Bx1x1xL.shape[-1]
     dropout = not deterministic and cfg.attention_probs_dropout_prob > 0
-    kernel = choose_kernel(self.attention, self.dtype, head_dim, x_BxLxH.shape[1], dropout)
+    kernel = choose_kernel(self.attention, self.dtype, head_dim, length, dropout)
 
     def project(name: str) -> Array:
-      y_BxLxH = _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name)(x_BxLxH)
-      return y_BxLxH.reshape(*y_BxLxH.shape[:2], heads, head_dim)
+      y_TxH = _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name)(x_TxH)
+      return y_TxH.reshape(batch, length, heads, head_dim)
 
     q_BxLxNxD, k_BxLxNxD, v_BxLxNxD = project("query"), project("key"), project("value")
     drop = functools.partial(nn.Dropout(cfg.attention_probs_dropout_prob), deterministic=deterministic)
     out_BxLxNxD = attend(kernel, q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_bias_Bx1x1xL, drop)
-    return out_BxLxNxD.reshape(x_BxLxH.shape)
+    return out_BxLxNxD.reshape(x_TxH.shape)
 
 
 class BertResidualOutput(nn.Module):
@@ -209,11 +216,11 @@ class BertResidualOutput(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxF: Array, residual_BxLxH: Array, deterministic: bool) -> Array:
+  def __call__(self, x_TxF: Array, residual_TxH: Array, deterministic: bool) -> Array:
     cfg = self.config
-    y_BxLxH = _dense(cfg.hidden_size, self.kernel_axes, self.dtype, "dense")(x_BxLxF)
-    y_BxLxH = nn.Dropout(cfg.hidden_dropout_prob)(y_BxLxH, deterministic=deterministic)
-    return _layer_norm(cfg, self.dtype)(y_BxLxH + residual_BxLxH)
+    y_TxH = _dense(cfg.hidden_size, self.kernel_axes, self.dtype, "dense")(x_TxF)
+    y_TxH = nn.Dropout(cfg.hidden_dropout_prob)(y_TxH, deterministic=deterministic)
+    return _layer_norm(cfg, self.dtype)(y_TxH + residual_TxH)
 
 
 class BertAttention(nn.Module):
@@ -224,11 +231,11 @@ class BertAttention(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
-    attended_BxLxH = BertSelfAttention(self.config, self.dtype, self.attention, name="self")(
-        x_BxLxH, mask_bias_Bx1x1xL, deterministic)
+  def __call__(self, x_TxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
+    attended_TxH = BertSelfAttention(self.config, self.dtype, self.attention, name="self")(
+        x_TxH, mask_bias_Bx1x1xL, deterministic)
     return BertResidualOutput(self.config, ("heads", "embed"), self.dtype, name="output")(
-        attended_BxLxH, x_BxLxH, deterministic)
+        attended_TxH, x_TxH, deterministic)
 
 
 class BertIntermediate(nn.Module):
@@ -238,9 +245,9 @@ class BertIntermediate(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxH: Array) -> Array:
-    y_BxLxI = _dense(self.config.intermediate_size, ("embed", "mlp"), self.dtype, "dense")(x_BxLxH)
-    return jax.nn.gelu(y_BxLxI, approximate=False)
+  def __call__(self, x_TxH: Array) -> Array:
+    y_TxI = _dense(self.config.intermediate_size, ("embed", "mlp"), self.dtype, "dense")(x_TxH)
+    return _gelu(y_TxI)
 
 
 class BertLayer(nn.Module):
@@ -251,21 +258,24 @@ class BertLayer(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x_BxLxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
+  def __call__(self, x_TxH: Array, mask_bias_Bx1x1xL: Array, deterministic: bool) -> Array:
     cfg = self.config
-    x_BxLxH = BertAttention(cfg, self.dtype, self.attention, name="attention")(
-        x_BxLxH, mask_bias_Bx1x1xL, deterministic)
-    y_BxLxI = BertIntermediate(cfg, self.dtype, name="intermediate")(x_BxLxH)
+    x_TxH = BertAttention(cfg, self.dtype, self.attention, name="attention")(
+        x_TxH, mask_bias_Bx1x1xL, deterministic)
+    y_TxI = BertIntermediate(cfg, self.dtype, name="intermediate")(x_TxH)
     return BertResidualOutput(cfg, ("mlp", "embed"), self.dtype, name="output")(
-        y_BxLxI, x_BxLxH, deterministic)
+        y_TxI, x_TxH, deterministic)
 
 
 class BertLayerStack(nn.Module):
   """num_hidden_layers BertLayers named layer_{i}, each rematerialised under the `remat` policy.
 
-  Between layers the hidden states are constrained to the logical axes ACTIVATION_AXES (split along
-  'batch' only) where logical-axis rules are in effect (`nn.logical_axis_rules`, as in the train step):
-  otherwise XLA may follow the FSDP-sharded weights and move activations instead of gathering weights.
+  The layers run on token rows ([B*L, H], sequences whole): the gradients of the biases and LayerNorms then
+  reduce over one dimension, which XLA:CPU sums up to 8x faster than over [B, L], and the weight gradients
+  need no transposed copies (the CPU train step 12% faster, README Performance). Between layers the rows are
+  constrained to the logical axes TOKEN_AXES (split along 'batch' only) where logical-axis rules are in effect
+  (`nn.logical_axis_rules`, as in the train step): otherwise XLA may follow the FSDP-sharded weights and move
+  activations instead of gathering weights.
   """
 
   config: BertConfig
@@ -280,12 +290,12 @@ class BertLayerStack(nn.Module):
     layer_cls = BertLayer
     if self.remat != "none":
       layer_cls = nn.remat(BertLayer, static_argnums=(3,), policy=REMAT_POLICIES[self.remat])
-    x_BxLxH = nn.with_logical_constraint(x_BxLxH, ACTIVATION_AXES)
+    x_TxH = nn.with_logical_constraint(x_BxLxH.reshape(-1, x_BxLxH.shape[-1]), TOKEN_AXES)
     for i in range(self.config.num_hidden_layers):
-      x_BxLxH = layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")(
-          x_BxLxH, mask_bias_Bx1x1xL, deterministic)
-      x_BxLxH = nn.with_logical_constraint(x_BxLxH, ACTIVATION_AXES)
-    return x_BxLxH
+      x_TxH = layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")(
+          x_TxH, mask_bias_Bx1x1xL, deterministic)
+      x_TxH = nn.with_logical_constraint(x_TxH, TOKEN_AXES)
+    return x_TxH.reshape(x_BxLxH.shape)
 
 
 class BertPooler(nn.Module):

@@ -1,7 +1,6 @@
 """Attention kernels: auto's choice per platform (platform mocked), the chunked einsums and the TPU Pallas kernel
 (in Pallas TPU interpret mode, on CPU) against the einsums, alone, in the encoder and sharded. The einsums' own
-truth is PyTorch (tests/test_bert_parity.py, where auto runs the chunked einsums); cuDNN runs in
-tests/test_gpu.py."""
+truth is PyTorch (tests/test_bert_parity.py); cuDNN runs in tests/test_gpu.py."""
 
 import functools
 import logging
@@ -51,7 +50,7 @@ def lengths_mask(lengths, length):
     ("tpu", BF16, 256, 31, False, "pallas"),
     ("tpu", BF16, 192, 180, False, "einsum"),
     ("tpu", BF16, 64, 180, True, "einsum"),
-    ("cpu", BF16, 32, 180, False, "chunked"),
+    ("cpu", BF16, 32, 180, False, "einsum"),
     ("cpu", F32, 32, 180, True, "einsum"),
 ])
 def test_auto_picks_per_platform(platform, dtype, head_dim, length, dropout, want):

@@ -103,9 +103,11 @@ class BertConfig:
 
 
 def _gelu(x: Array) -> Array:
-  """The exact GELU as HF and PyTorch compute it, x/2 (1 + erf(x/sqrt 2)); XLA:CPU evaluates erf faster than
-  the erfc of `jax.nn.gelu(approximate=False)`."""
-  return 0.5 * x * (1 + jax.lax.erf(x * 0.5**0.5))
+  """The exact GELU as HF and PyTorch compute it, x/2 (1 + erf(x/sqrt 2)), in float32 whatever x's dtype (in
+  bfloat16, 1 + erf would cancel for negative x); XLA:CPU evaluates erf faster than the erfc of
+  `jax.nn.gelu(approximate=False)`."""
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1 + jax.lax.erf(x32 * 0.5**0.5))).astype(x.dtype)
 
 
 def _dense(features: int, kernel_axes: Axes, dtype: Any, name: str) -> nn.Dense:

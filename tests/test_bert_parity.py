@@ -165,8 +165,9 @@ def test_gelu_is_the_exact_erf_gelu_in_either_dtype(dtype, rtol):
   x = jnp.asarray(np.linspace(-7.0, 4.0, 1101), dtype)
   x64 = np.asarray(x, np.float64)
   want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x64])
-  assert bert._gelu(x).dtype == dtype
-  np.testing.assert_allclose(np.asarray(bert._gelu(x), np.float64), want, rtol=rtol, atol=2e-6)
+  got = bert._gelu(x)
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=2e-6)
 
 
 def test_dropout_active_and_reproducible(small):

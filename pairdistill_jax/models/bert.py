@@ -274,7 +274,7 @@ class BertLayerStack(nn.Module):
 
   The layers run on token rows ([B*L, H], sequences whole): the gradients of the biases and LayerNorms then
   reduce over one dimension, which XLA:CPU sums up to 8x faster than over [B, L], and the weight gradients
-  need no transposed copies (the CPU train step 12% faster, README Performance). Between layers the rows are
+  need no transposed copies (the CPU train step 12-20% faster, README Performance). Between layers the rows are
   constrained to the logical axes TOKEN_AXES (split along 'batch' only) where logical-axis rules are in effect
   (`nn.logical_axis_rules`, as in the train step): otherwise XLA may follow the FSDP-sharded weights and move
   activations instead of gathering weights.

@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/encode_vs_torch.py                # MiniLM shape, 256 tokens, batch 128, 5 pairs
   .venv/bin/python benchmarks/encode_vs_torch.py --ynn=off      # XLA without YNNPACK fusions
+  .venv/bin/python benchmarks/encode_vs_torch.py --ynn=off --isa=avx2  # both capped at AVX2: an AVX2 CPU
   .venv/bin/python benchmarks/encode_vs_torch.py --batch_size=32 --pairs=3   # a quicker look
   .venv/bin/python benchmarks/encode_vs_torch.py --attention=einsum # another attention kernel (default auto)
   .venv/bin/python benchmarks/encode_vs_torch.py --attention=values # both sides without attention: its cost
@@ -94,7 +95,7 @@ def torch_encoder(torch, config, params, args: argparse.Namespace):
 
 def main() -> None:
   args = _parse_args()
-  ref.apply_xla_flags(args.ynn)
+  ref.apply_flags(args)
   import numpy as np
   import torch
 

@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/step_vs_torch.py                 # MiniLM shape, 2 queries x nway 16, 5 pairs
   .venv/bin/python benchmarks/step_vs_torch.py --ynn=off       # XLA without YNNPACK fusions
+  .venv/bin/python benchmarks/step_vs_torch.py --ynn=off --isa=avx2  # both capped at AVX2: an AVX2 CPU
   .venv/bin/python benchmarks/step_vs_torch.py --pairs=3 --doc_len=64   # a quicker look
   .venv/bin/python benchmarks/step_vs_torch.py --dropout=0 --attention=values  # both sides without attention
 
@@ -152,7 +153,7 @@ def torch_step(torch, config, batch: dict, initial, args: argparse.Namespace):
 
 def main() -> None:
   args = _parse_args()
-  ref.apply_xla_flags(args.ynn)
+  ref.apply_flags(args)
   import jax
   import torch
 

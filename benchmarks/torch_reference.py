@@ -1,7 +1,7 @@
 """What benchmarks/step_vs_torch.py and encode_vs_torch.py share: the XLA flags, interleaved timing, the
 PyTorch ColBERT of the project's shape (transformers `BertModel`, default SDPA attention), padded token ids.
 
-It imports neither jax nor torch at the top: `apply_xla_flags` must run before jax is imported.
+It imports neither jax nor torch at the top: `apply_flags` must run before they are imported.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +21,14 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 # --ynn: 'default' leaves XLA's own choice (jaxlib 0.10 sends dots to YNNPACK fusions), 'off' enables no YNN
 # fusion type (XLA's own dot emitter), 'on' every type; anything else is passed as the type list ('dot').
 YNN_VALUES = {"off": "", "on": "dot,eltwise,reduce"}
+# --isa: the newest instructions both sides may use, so that one machine runs another CPU's code paths: XLA's
+# code generator, ATen's vectorised kernels, MKL's and oneDNN's dispatch (set before jax and torch load).
+ISA_CAPS = {
+    "avx2": {"XLA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512": {"XLA": "AVX512", "ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+               "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+}
 CLS, SEP, MASK, PAD = 101, 102, 103, 0  # bert-base-uncased ids
 QUERY_MARKER, DOC_MARKER = 1, 2  # [unused0], [unused1]
 
@@ -37,6 +46,10 @@ def add_shape_args(parser: argparse.ArgumentParser, *, warmup: int) -> None:
   parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls of each side after compiling")
   parser.add_argument("--ynn", default="default",
                       help="off | on | default | a YNN fusion type list (sets %s before jax loads)" % YNN_FLAG)
+  parser.add_argument("--isa", default="native", choices=("native", *ISA_CAPS),
+                      help="cap both sides at AVX2 or AVX-512 without BF16/AMX (XLA's --xla_cpu_max_isa, "
+                           "ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), to measure another "
+                           "CPU's code paths on this one; native: what this CPU has")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default="", help="append the RESULT record (machine, medians, ratio) to this file")
   parser.add_argument("--attention", default="auto",
@@ -51,14 +64,18 @@ def check_args(args: argparse.Namespace) -> None:
                      f"{args.warmup}")
 
 
-def apply_xla_flags(ynn: str) -> str:
-  """Sets the YNN fusion flag in XLA_FLAGS (replacing any given) unless `ynn` is 'default'; returns XLA_FLAGS."""
+def apply_flags(args: argparse.Namespace) -> None:
+  """Before jax and torch load: the YNN fusion flag in XLA_FLAGS (replacing any given) unless --ynn=default,
+  and --isa's caps on both sides (XLA_FLAGS and the torch libraries' variables)."""
   flags = os.environ.get("XLA_FLAGS", "").split()
-  if ynn != "default":
+  if args.ynn != "default":
     flags = [f for f in flags if not f.startswith(YNN_FLAG + "=")]
-    flags.append(f"{YNN_FLAG}={YNN_VALUES.get(ynn, ynn)}")
+    flags.append(f"{YNN_FLAG}={YNN_VALUES.get(args.ynn, args.ynn)}")
+  if args.isa != "native":
+    caps = ISA_CAPS[args.isa]
+    flags = [f for f in flags if not f.startswith("--xla_cpu_max_isa=")] + [f"--xla_cpu_max_isa={caps['XLA']}"]
+    os.environ.update({name: value for name, value in caps.items() if name != "XLA"})
   os.environ["XLA_FLAGS"] = " ".join(flags)
-  return os.environ["XLA_FLAGS"]
 
 
 VALUES = "values"  # --attention=values: the ablation without attention
@@ -102,23 +119,29 @@ def print_setup(torch_module, args: argparse.Namespace) -> None:
   from pairdistill_jax.bench import machine
 
   print(machine.machine_line())
-  print(f"torch interop threads {torch_module.get_num_interop_threads()}; --ynn={args.ynn}")
+  print(f"torch interop threads {torch_module.get_num_interop_threads()}; --ynn={args.ynn} --isa={args.isa}")
   print(f"shape: {args.layers} layers x {args.hidden} hidden, {args.heads} heads, intermediate "
         f"{args.intermediate}, vocab {args.vocab}, dim {args.dim}; float32")
 
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
+  """Per call: wall seconds, process CPU seconds (user + system), system seconds and minor page faults (fresh
+  pages the kernel had to map: memory a side's allocator returned and took back)."""
   wall_s: float
   cpu_s: float
+  sys_s: float
+  page_faults: float
 
 
 def timed(run: Callable[[], object], calls: int) -> Timing:
-  """Wall and process CPU seconds per call of `run` (which blocks until its results exist)."""
-  wall, cpu = time.perf_counter(), time.process_time()
+  """`Timing` per call of `run` (which blocks until its results exist)."""
+  usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for _ in range(calls):
     run()
-  return Timing((time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls)
+  wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
+  user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
+  return Timing(wall / calls, (user + system) / calls, system / calls, (after.ru_minflt - usage.ru_minflt) / calls)
 
 
 def interleaved(run_jax: Callable[[], object], run_torch: Callable[[], object], pairs: int,
@@ -131,8 +154,8 @@ def interleaved(run_jax: Callable[[], object], run_torch: Callable[[], object], 
     jax_times.append(timed(run_jax, calls))
     torch_times.append(timed(run_torch, calls))
     j, t = jax_times[-1], torch_times[-1]
-    print(f"pair {i}: jax {j.wall_s:.3f} s (cpu {j.cpu_s:.2f}) torch {t.wall_s:.3f} s (cpu {t.cpu_s:.2f}) "
-          f"torch/jax {t.wall_s / j.wall_s:.2f}  load {loadavg()}")
+    print(f"pair {i}: jax {j.wall_s:.3f} s (cpu {j.cpu_s:.2f}, sys {j.sys_s:.2f}) torch {t.wall_s:.3f} s "
+          f"(cpu {t.cpu_s:.2f}, sys {t.sys_s:.2f}) torch/jax {t.wall_s / j.wall_s:.2f}  load {loadavg()}")
     loads.append(float(loadavg().split()[0]))
   print(f"load average after: {loadavg()}")
   if max(loads) > os.cpu_count() + 1:  # this process alone keeps the load near the core count
@@ -142,15 +165,19 @@ def interleaved(run_jax: Callable[[], object], run_torch: Callable[[], object], 
 
 
 def medians(times: list[Timing]) -> Timing:
-  return Timing(statistics.median(t.wall_s for t in times), statistics.median(t.cpu_s for t in times))
+  return Timing(*(statistics.median(getattr(t, f.name) for t in times) for f in dataclasses.fields(Timing)))
 
 
 def print_medians(jax_times: list[Timing], torch_times: list[Timing]) -> tuple[Timing, Timing]:
-  """Medians per call of both sides, and their CPU time over wall time (cores kept busy)."""
+  """Medians per call of both sides, their CPU time over wall time (cores kept busy) and what fresh memory
+  pages cost them (system time, minor page faults: both depend on the machine's kernel and allocator)."""
   j, t = medians(jax_times), medians(torch_times)
   print(f"median jax {j.wall_s:.3f} s (cpu {j.cpu_s:.2f} s, {j.cpu_s / j.wall_s:.2f} cores) "
         f"torch {t.wall_s:.3f} s (cpu {t.cpu_s:.2f} s, {t.cpu_s / t.wall_s:.2f} cores)")
   print(f"cpu-time ratio torch/jax {t.cpu_s / j.cpu_s:.3f}")
+  print(f"system time and page faults a call: jax {j.sys_s:.2f} s, {j.page_faults:,.0f} faults "
+        f"({j.page_faults * resource.getpagesize() / 2**20:,.0f} MiB of fresh pages); torch {t.sys_s:.2f} s, "
+        f"{t.page_faults:,.0f} faults ({t.page_faults * resource.getpagesize() / 2**20:,.0f} MiB)")
   return j, t
 
 
@@ -160,6 +187,8 @@ def print_result(benchmark: str, args: argparse.Namespace, j: Timing, t: Timing,
 
   record = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine.machine_info(),
             "args": vars(args), "jax_s": j.wall_s, "torch_s": t.wall_s, "jax_cpu_s": j.cpu_s, "torch_cpu_s": t.cpu_s,
+            "jax_sys_s": j.sys_s, "torch_sys_s": t.sys_s, "jax_page_faults": j.page_faults,
+            "torch_page_faults": t.page_faults,
             "ratio": t.wall_s / j.wall_s, **extra}
   line = json.dumps(record, sort_keys=True)
   print(f"RESULT {line}")

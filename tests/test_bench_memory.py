@@ -55,8 +55,25 @@ def test_machine_info_reads_the_cpu_flags():
   assert ("AVX-512F" in info["isa"]) == ("avx512f" in flags)
   assert ("AMX" in info["isa"]) == ("amx_tile" in flags)
   assert info["cores"] == os.cpu_count()
+  assert info["virtual_machine"] == ("hypervisor" in flags)
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="utf-8") as f:
+      thp = f.read().split("[")[1].split("]")[0]  # e.g. "always [madvise] never"
+  except OSError:
+    thp = "unknown"
+  assert info["transparent_huge_pages"] == thp
   line = machine.machine_line(info)
   assert line.startswith("machine: ") and f"{info['usable_cores']}/{info['cores']} cores" in line
+  assert f"transparent huge pages {thp}" in line
+
+
+def test_machine_info_records_the_allocator_and_isa_variables(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+  monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+  monkeypatch.setenv("HOME_OF_NOTHING", "x")
+  env = machine.machine_info()["env"]
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.mmap_max=0" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+  assert "HOME_OF_NOTHING" not in env
 
 
 def test_memory_benchmark_through_the_cli(tmp_path):

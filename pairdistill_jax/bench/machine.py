@@ -1,7 +1,9 @@
-"""The machine a benchmark ran on: CPU model and ISA, cores, library versions, XLA and oneDNN/MKL settings.
+"""The machine a benchmark ran on: CPU model and ISA, cores, memory pages, library versions, XLA, allocator and
+oneDNN/MKL settings.
 
-Speed ratios between JAX and PyTorch depend on the CPU (AVX2 against AVX-512/AMX kernels), so every benchmark
-prints `machine_line()` and records `machine_info()` beside its numbers.
+Speed ratios between JAX and PyTorch depend on the CPU (AVX2 against AVX-512/AMX kernels) and on what a fresh
+page of memory costs (a virtual machine's page faults, transparent huge pages, the malloc in use), so every
+benchmark prints `machine_line()` and records `machine_info()` beside its numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import sys
 # /proc/cpuinfo flag -> the name Intel and AMD give the extension.
 ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_bf16": "AVX512-BF16", "avx512_fp16": "AVX512-FP16",
              "amx_tile": "AMX", "amx_bf16": "AMX-BF16"}
-_ENV_PREFIXES = ("XLA_FLAGS", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "KMP_", "OPENBLAS_")
+_ENV_PREFIXES = ("XLA_FLAGS", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "KMP_", "OPENBLAS_", "ATEN_CPU_CAPABILITY",
+                 "GLIBC_TUNABLES", "MALLOC_", "LD_PRELOAD")
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -29,6 +33,17 @@ def _cpuinfo() -> dict[str, str]:
   except OSError:
     pass
   return fields
+
+
+def _transparent_huge_pages() -> str:
+  """The kernel's transparent huge page mode ('always', 'madvise', 'never'), or 'unknown' (not Linux)."""
+  try:
+    with open(_THP, encoding="utf-8") as f:
+      text = f.read()
+  except OSError:
+    return "unknown"
+  chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
+  return chosen[0] if chosen else "unknown"
 
 
 def _torch_settings() -> dict | None:
@@ -53,6 +68,8 @@ def machine_info() -> dict:
       "isa": [name for flag, name in ISA_FLAGS.items() if flag in flags],
       "cores": os.cpu_count(),
       "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      "virtual_machine": "hypervisor" in flags,
+      "transparent_huge_pages": _transparent_huge_pages(),
       "python": platform.python_version(),
       "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
       "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -71,14 +88,15 @@ def machine_line(info: dict | None = None) -> str:
   """One line for the log and the README: `machine: <cpu> (<id>), <isa>, N cores; jax ...; torch ...; env`."""
   info = machine_info() if info is None else info
   parts = [f"machine: {info['cpu']} ({info['cpu_id']}), {' '.join(info['isa']) or 'no AVX2'}, "
-           f"{info['usable_cores']}/{info['cores']} cores"]
+           f"{info['usable_cores']}/{info['cores']} cores{' (virtual machine)' if info['virtual_machine'] else ''}, "
+           f"transparent huge pages {info['transparent_huge_pages']}"]
   if "jax" in info:
     parts.append(f"jax {info['jax']} jaxlib {info['jaxlib']} ({info['backend']})")
   if "torch" in info:
     t = info["torch"]
     parts.append(f"torch {t['version']} ({t['threads']} threads, oneDNN {'on' if t['onednn'] else 'off'}, "
                  f"MKL {'on' if t['mkl'] else 'off'}, {t['cpu_capability']})")
-  parts.append(" ".join(f"{k}={v!r}" for k, v in info["env"].items()) or "no XLA/oneDNN/MKL/OMP variables")
+  parts.append(" ".join(f"{k}={v!r}" for k, v in info["env"].items()) or "no XLA/oneDNN/MKL/OMP/malloc variables")
   if info["loadavg"] is not None:
     parts.append(f"load {info['loadavg']:.2f}")
   return "; ".join(parts)

@@ -41,8 +41,13 @@ import tempfile
 from collections.abc import Callable
 from typing import NoReturn
 
-# XLA:CPU's YNNPACK fusions slow BERT's matrix multiplies on x86 (corpus encoding 25.6 -> 38.4 passages/s without
-# them; the train step unchanged: README, Performance): off unless XLA_FLAGS chooses. CPU only; set before jax loads.
+if __name__ == "__main__":  # glibc reads its tunables when a process starts: the CLI re-executes itself once
+  from pairdistill_jax import malloc
+
+  malloc.reexec_with_huge_pages()
+
+# XLA:CPU's YNNPACK fusions slow BERT's matrix multiplies on x86 (README, Performance): off unless XLA_FLAGS
+# chooses. CPU only; set before jax loads.
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 if YNN_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_FLAG}=".strip()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
+from pairdistill_jax import malloc
 from pairdistill_jax.bench import machine, memory
 from pairdistill_jax.errors import ConfigError
 
@@ -91,6 +93,9 @@ def test_memory_benchmark_through_the_cli(tmp_path):
   (fit,) = [r for r in records if r["benchmark"] == "memory_fit"]
   steps = [r for r in records if r["benchmark"] == "train_step"]
   assert len(steps) == 2 * len(memory.variants([1, 2])) and all("machine" in r for r in steps)
+  # The CLI re-executed itself with malloc on transparent huge pages where that changes something (malloc.py).
+  tunables = malloc.tunables_with_huge_pages(env, malloc.thp_mode(), platform.libc_ver()[0])
+  assert steps[0]["machine"]["env"].get("GLIBC_TUNABLES") == (tunables or env.get("GLIBC_TUNABLES"))
   rows = {row["variant"]: row for row in fit["rows"]}
   plain, cache = rows["plain"], rows["grad_cache chunk=1"]
   assert plain["per_query_bytes"] > 20 * cache["per_query_bytes"] > 0

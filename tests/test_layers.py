@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pairdistill_jax"
 DYNAMIC_IMPORTS = ("import_module", "__import__")  # imports by module name
 
 LAYERS = {  # README: Layout
-    1: "errors io remote distributed data.formats data.formats.common data.formats.training_lines "
+    1: "errors io remote distributed malloc data.formats data.formats.common data.formats.training_lines "
        "data.formats.collection data.formats.qrels data.formats.runs data.formats.sources models.attention "
        "models.initializers models.bert models.scoring models.cross_encoder models.t5 retrieval.devices "
        "retrieval.metrics retrieval.faiss_index retrieval.significance bench.hlo bench.machine bench.measure "

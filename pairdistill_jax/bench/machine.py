@@ -12,12 +12,13 @@ import os
 import platform
 import sys
 
+from pairdistill_jax import malloc
+
 # /proc/cpuinfo flag -> the name Intel and AMD give the extension.
 ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_bf16": "AVX512-BF16", "avx512_fp16": "AVX512-FP16",
              "amx_tile": "AMX", "amx_bf16": "AMX-BF16"}
 _ENV_PREFIXES = ("XLA_FLAGS", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "KMP_", "OPENBLAS_", "ATEN_CPU_CAPABILITY",
                  "GLIBC_TUNABLES", "MALLOC_", "LD_PRELOAD")
-_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -33,17 +34,6 @@ def _cpuinfo() -> dict[str, str]:
   except OSError:
     pass
   return fields
-
-
-def _transparent_huge_pages() -> str:
-  """The kernel's transparent huge page mode ('always', 'madvise', 'never'), or 'unknown' (not Linux)."""
-  try:
-    with open(_THP, encoding="utf-8") as f:
-      text = f.read()
-  except OSError:
-    return "unknown"
-  chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
-  return chosen[0] if chosen else "unknown"
 
 
 def _torch_settings() -> dict | None:
@@ -69,7 +59,7 @@ def machine_info() -> dict:
       "cores": os.cpu_count(),
       "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
       "virtual_machine": "hypervisor" in flags,
-      "transparent_huge_pages": _transparent_huge_pages(),
+      "transparent_huge_pages": malloc.thp_mode() or "unknown",
       "python": platform.python_version(),
       "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
       "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

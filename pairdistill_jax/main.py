@@ -317,6 +317,14 @@ def main(argv: list[str]) -> int:
   try:
     validate(config, mode)
     return run_mode(config, mode, _WORKDIR.value, args)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+    print("\ninterrupted (Ctrl-C): stopped without saving the work in progress; run the same command to resume "
+          "from what was saved", file=sys.stderr)
+    # Not sys.exit: tearing the interpreter down while XLA's threads still run (a compile, a dispatched step)
+    # crashed it with a segmentation fault. The workdir's lock was released as the interrupt unwound.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
   except Exception as e:  # noqa: BLE001 (re-raised unless it is the user's: one line, no traceback)
     message = user_error_message(e, mode, args)
     if message is None:
@@ -362,7 +370,8 @@ def format_summary(summary: dict) -> str:
   lines = [f"trained up to step {steps}" + (" (finished earlier: nothing left to train)" if steps == started_at
                                             else f" (resumed at step {started_at})" if started_at else "")]
   if summary.get("preempted_at") is not None:
-    lines.append(f"  preempted: checkpoint saved at step {summary['preempted_at']}; rerun to resume")
+    how = "stopped by Ctrl-C" if summary.get("stopped_by") == "SIGINT" else "preempted"
+    lines.append(f"  {how}: checkpoint saved at step {summary['preempted_at']}; rerun to resume")
   for key in SUMMARY_KEYS:
     if f"first_{key}" in summary:
       lines.append(f"  {key:15s} {summary[f'first_{key}']:.4f} -> {summary[f'last_{key}']:.4f}")

@@ -87,14 +87,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, 
   assert_each_step_logged_once(tmp_path)
 
 
-def test_sigterm_saves_within_one_step_exits_zero_and_resumes(tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum, said, summary", [
+    (signal.SIGTERM, "Preempted: saved the checkpoint of step ", "preempted"),
+    (signal.SIGINT, "Stopped by Ctrl-C: saved the checkpoint of step ", "stopped by Ctrl-C")])
+def test_sigterm_or_ctrl_c_saves_within_one_step_exits_zero_and_resumes(tmp_path, uninterrupted, signum, said,
+                                                                        summary):
   process = start(tmp_path)
   wait_for_checkpoint(tmp_path, 6)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   output = finish(process)
-  assert "Preempted: saved the checkpoint of step" in output
-  preempted_at = int(output.split("Preempted: saved the checkpoint of step ")[1].split(";")[0])
-  assert f"trained up to step {preempted_at}\n" in output
+  assert said in output and "Traceback" not in output
+  preempted_at = int(output.split(said)[1].split(";")[0])
+  assert f"trained up to step {preempted_at}\n  {summary}: checkpoint saved at step {preempted_at}; rerun" in output
   # The checkpoint is the state after the last step that ran: nothing trained was lost, and logged.
   assert preempted_at < STEPS
   assert_each_step_logged_once(tmp_path, steps=preempted_at)
@@ -155,3 +159,20 @@ def test_evaluating_a_trained_workdir_on_qrels_of_another_collection_is_one_line
                                                              for f in ("collection", "queries", "qrels")))
   output = finish(process, returncode=2)
   assert "error: --mode=evaluate: none of the 1 relevant documents of" in output and "Traceback" not in output
+
+
+def test_ctrl_c_before_training_stops_at_once_without_a_traceback(tmp_path, uninterrupted):
+  """Ctrl-C outside the training loop (here while the demo data and the model are prepared, after the mesh is
+  logged): one line, status 130, no traceback or crash of XLA's threads at exit, the lock released."""
+  process = start(tmp_path)
+  for line in process.stdout:
+    if "Mesh: " in line:
+      break
+  process.send_signal(signal.SIGINT)
+  output = finish(process, returncode=130)
+  assert "interrupted (Ctrl-C): stopped without saving the work in progress" in output
+  assert "Traceback" not in output and "Fatal Python error" not in output
+  output = finish(start(tmp_path))
+  assert "Taking over the lock" not in output and f"trained up to step {STEPS}\n" in output
+  for got, want in zip(params(tmp_path), uninterrupted):
+    np.testing.assert_array_equal(got, want)

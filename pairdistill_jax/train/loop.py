@@ -196,10 +196,14 @@ def _run(state: state_lib.TrainState, run: _RunInputs) -> dict:
   finally:
     preemption.close()
     progress.close()
-  if preempted_at is not None:
+  stopped_by = preemption.signal_name if preempted_at is not None else None
+  if stopped_by == "SIGINT":
+    logging.warning("Stopped by Ctrl-C: saved the checkpoint of step %d; run the same command to resume",
+                    preempted_at)
+  elif stopped_by:
     logging.warning("Preempted: saved the checkpoint of step %d; run the same command to resume", preempted_at)
   return dict(summarize(progress.log.history), steps=int(state.step), started_at=start_step,
-              preempted_at=preempted_at)
+              preempted_at=preempted_at, stopped_by=stopped_by)
 
 
 def _dispatch(state: state_lib.TrainState, run: _RunInputs, step: int,

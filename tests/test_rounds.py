@@ -71,3 +71,23 @@ def test_rounds_refuse_more_scored_pairs_than_training_takes(tmp_path):
   with pytest.raises(ValueError, match=r"teacher.n_pairs=5 pairs per scored line exceed data.max_pairs=4"):
     rounds.run_rounds(config, tmp_path)
   assert not (tmp_path / "round_1").exists()  # refused before any work
+
+
+def test_a_stopped_training_ends_the_rounds_before_the_next_mining(tmp_path, monkeypatch):
+  """Round 1's training preempted (or stopped by Ctrl-C) with its checkpoint saved: round 2 must not mine with
+  the unfinished student; the rounds return, and a rerun resumes."""
+  config = colbert.get_config("demo,steps=20")
+  trained = []
+
+  def stopped_training(config, workdir):
+    trained.append(workdir)
+    return {"steps": 7, "started_at": 0, "preempted_at": 7, "stopped_by": "SIGINT"}
+
+  def no_mining(*args, **kwargs):
+    raise AssertionError("mined with a student whose training was stopped")
+
+  monkeypatch.setattr(rounds.loop, "train", stopped_training)
+  monkeypatch.setattr(rounds.mining, "mine", no_mining)
+  assert config.rounds.count >= 2
+  summaries = rounds.run_rounds(config, tmp_path)
+  assert [s["preempted_at"] for s in summaries] == [7] and trained == [tmp_path / "round_1"]

@@ -64,6 +64,8 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
     _log.info("Round 1/%d in %s: training on the config's data", count, first)
     summaries.append(loop.train(config, first))
     _share(first)
+    if _stopped(summaries):
+      return summaries
   else:
     for field in ("collection", "queries"):
       if not config.data[field]:
@@ -84,7 +86,19 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
     config_lib.validate(c, jax.device_count())
     summaries.append(loop.train(c, here))
     _share(here)
+    if _stopped(summaries):
+      return summaries
   return summaries
+
+
+def _stopped(summaries: list[dict]) -> bool:
+  """Whether the last round's training was stopped (preemption or Ctrl-C) with its checkpoint saved: then no
+  later round may mine with its unfinished student; a rerun resumes that training and goes on."""
+  stopped = summaries[-1].get("preempted_at") is not None
+  if stopped:
+    _log.warning("Round %d stopped at step %d: the later rounds wait for the rerun", len(summaries),
+                 summaries[-1]["preempted_at"])
+  return stopped
 
 
 def _share(workdir: pathlib.Path) -> None:

@@ -40,13 +40,21 @@ def tunables_with_huge_pages(environ: Mapping[str, str], mode: str, libc: str) -
 
 
 def reexec_with_huge_pages() -> None:
-  """Re-executes this Python process (same command line, same PID) with `tunables_with_huge_pages`, if any."""
+  """Re-executes this Python process (same command line, same PID) with `tunables_with_huge_pages`, if any.
+  Where the interpreter cannot be executed again (seen for an unprivileged user), it runs on as it is."""
   if not sys.platform.startswith("linux"):
     return
   tunables = tunables_with_huge_pages(os.environ, thp_mode(), platform.libc_ver()[0])
   if tunables is None:
     return
+  before = os.environ.get("GLIBC_TUNABLES")
   os.environ["GLIBC_TUNABLES"] = tunables
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+  try:
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+  except OSError:
+    if before is None:
+      del os.environ["GLIBC_TUNABLES"]
+    else:
+      os.environ["GLIBC_TUNABLES"] = before

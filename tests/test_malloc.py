@@ -30,3 +30,22 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path, monkeypatch):
   assert malloc.thp_mode() == "madvise"
   monkeypatch.setattr(malloc, "THP_MODE_FILE", str(tmp_path / "missing"))
   assert malloc.thp_mode() == ""
+
+
+def test_where_the_interpreter_cannot_be_executed_again_the_process_runs_on(monkeypatch):
+  """An unprivileged user may not re-execute the interpreter (a venv whose python lies under /root): the CLI
+  goes on without the tunable, GLIBC_TUNABLES as it was."""
+  def refused(path, argv):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(malloc.os, "execv", refused)
+  monkeypatch.setattr(malloc, "thp_mode", lambda: "madvise")
+  monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  monkeypatch.setattr(malloc.sys, "platform", "linux")
+  for before in (None, "glibc.malloc.arena_max=2"):
+    if before is None:
+      monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+      monkeypatch.setenv("GLIBC_TUNABLES", before)
+    malloc.reexec_with_huge_pages()
+    assert malloc.os.environ.get("GLIBC_TUNABLES") == before

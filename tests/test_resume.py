@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pairdistill_jax import checkpoint
+from pairdistill_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -161,7 +162,7 @@ def test_evaluating_a_trained_workdir_on_qrels_of_another_collection_is_one_line
   assert "error: --mode=evaluate: none of the 1 relevant documents of" in output and "Traceback" not in output
 
 
-def test_ctrl_c_before_training_stops_at_once_without_a_traceback(tmp_path, uninterrupted):
+def test_ctrl_c_before_training_stops_at_once_without_a_traceback(tmp_path):
   """Ctrl-C outside the training loop (here while the demo data and the model are prepared, after the mesh is
   logged): one line, status 130, no traceback or crash of XLA's threads at exit, the lock released."""
   process = start(tmp_path)
@@ -172,7 +173,4 @@ def test_ctrl_c_before_training_stops_at_once_without_a_traceback(tmp_path, unin
   output = finish(process, returncode=130)
   assert "interrupted (Ctrl-C): stopped without saving the work in progress" in output
   assert "Traceback" not in output and "Fatal Python error" not in output
-  output = finish(start(tmp_path))
-  assert "Taking over the lock" not in output and f"trained up to step {STEPS}\n" in output
-  for got, want in zip(params(tmp_path), uninterrupted):
-    np.testing.assert_array_equal(got, want)
+  assert not (tmp_path / workdir_lib.LOCK_FILE).exists() and not (tmp_path / "checkpoints").exists()

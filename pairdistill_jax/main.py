@@ -365,13 +365,14 @@ def _local_workdir(workdir: str, mirror_dir: str | None, push: bool, under: str 
 def format_summary(summary: dict) -> str:
   """'loss 3.2100 -> 1.0500' lines for each tracked metric."""
   from pairdistill_jax.train.loop import SUMMARY_KEYS  # noqa: PLC0415 (keeps --help and config errors fast)
+  from pairdistill_jax.train.preemption import stop_reason  # noqa: PLC0415
 
   steps, started_at = summary.get("steps", 0), summary.get("started_at", 0)
   lines = [f"trained up to step {steps}" + (" (finished earlier: nothing left to train)" if steps == started_at
                                             else f" (resumed at step {started_at})" if started_at else "")]
   if summary.get("preempted_at") is not None:
-    how = "stopped by Ctrl-C" if summary.get("stopped_by") == "SIGINT" else "preempted"
-    lines.append(f"  {how}: checkpoint saved at step {summary['preempted_at']}; rerun to resume")
+    lines.append(f"  {stop_reason(summary.get('stopped_by'))}: checkpoint saved at step {summary['preempted_at']}; "
+                 "rerun to resume")
   for key in SUMMARY_KEYS:
     if f"first_{key}" in summary:
       lines.append(f"  {key:15s} {summary[f'first_{key}']:.4f} -> {summary[f'last_{key}']:.4f}")

@@ -28,7 +28,7 @@ from pairdistill_jax.models.bert import BertConfig
 from pairdistill_jax.train import start
 from pairdistill_jax.train import state as state_lib
 from pairdistill_jax.train.metrics_log import MetricsLog, MetricWindow
-from pairdistill_jax.train.preemption import PreemptionWatcher
+from pairdistill_jax.train.preemption import PreemptionWatcher, stop_reason
 from pairdistill_jax.train.step import make_train_step
 
 # The first and last logged windows of these metrics make the run summary (first_loss, last_loss, ...).
@@ -197,11 +197,10 @@ def _run(state: state_lib.TrainState, run: _RunInputs) -> dict:
     preemption.close()
     progress.close()
   stopped_by = preemption.signal_name if preempted_at is not None else None
-  if stopped_by == "SIGINT":
-    logging.warning("Stopped by Ctrl-C: saved the checkpoint of step %d; run the same command to resume",
-                    preempted_at)
-  elif stopped_by:
-    logging.warning("Preempted: saved the checkpoint of step %d; run the same command to resume", preempted_at)
+  if stopped_by:
+    reason = stop_reason(stopped_by)
+    logging.warning("%s: saved the checkpoint of step %d; run the same command to resume",
+                    reason[0].upper() + reason[1:], preempted_at)
   return dict(summarize(progress.log.history), steps=int(state.step), started_at=start_step,
               preempted_at=preempted_at, stopped_by=stopped_by)
 

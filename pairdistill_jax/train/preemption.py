@@ -15,6 +15,11 @@ import jax
 from jax.experimental import multihost_utils
 
 
+def stop_reason(signal_name: str | None) -> str:
+  """How the log and the run summary name a stop at a step boundary: by Ctrl-C (SIGINT) or a preemption."""
+  return "stopped by Ctrl-C" if signal_name == "SIGINT" else "preempted"
+
+
 class PreemptionWatcher:
   """`should_stop(step)` is True once a preemption notice arrived (the same step on every host); `signal_name`
   names the signal that sent it (one process)."""
